@@ -1,0 +1,167 @@
+"""The only place where file geometry (LPS, SimpleITK) meets the Volume (RAS).
+
+ITK, NIfTI-through-ITK, NRRD and DICOM describe voxel positions in LPS; Slicer and
+:class:`~RefSAM3DLib.volume.Volume` use RAS. The two frames differ by a sign flip of x and y:
+``ijk_to_ras = LPS_TO_RAS @ ijk_to_lps``. Every conversion between a SimpleITK image and a
+Volume goes through this module, so the flip happens exactly once.
+
+A SimpleITK image's geometry is ``origin`` (LPS mm of voxel (0, 0, 0)), ``spacing`` (mm along
+i, j, k) and ``direction`` (3x3, column c = unit LPS vector of index axis c). Then
+``ijk_to_lps = [[direction @ diag(spacing), origin], [0, 0, 0, 1]]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import RefSAM3DError
+from .volume import Volume
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""4x4 matrix from LPS to RAS millimetres (its own inverse)."""
+
+_ORTHONORMAL_TOLERANCE = 1e-4
+
+
+def ijk_to_ras_from_sitk(image: sitk.Image) -> np.ndarray:
+    """``(4, 4)`` float64 matrix from voxel index ``(i, j, k, 1)`` of a 3D image to RAS mm."""
+    if image.GetDimension() != 3:
+        raise RefSAM3DError(f"Expected a 3D image, got {image.GetDimension()} dimensions.")
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction @ np.diag(image.GetSpacing())
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    return LPS_TO_RAS @ ijk_to_lps
+
+
+def sitk_geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray) -> tuple[tuple, tuple, tuple]:
+    """Split a 4x4 IJK-to-RAS matrix into SimpleITK's ``(origin, spacing, direction)`` in LPS.
+
+    Raises RefSAM3DError for matrices SimpleITK cannot represent: a zero-length or sheared axis,
+    or a projective last row.
+    """
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0]):
+        raise RefSAM3DError("ijk_to_ras must be a 4x4 affine matrix with last row (0, 0, 0, 1).")
+    ijk_to_lps = LPS_TO_RAS @ matrix
+    linear = ijk_to_lps[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if not np.all(spacing > 0):
+        raise RefSAM3DError(
+            f"ijk_to_ras has a zero-length voxel axis (spacing {tuple(spacing)} mm): fix the matrix."
+        )
+    direction = linear / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=_ORTHONORMAL_TOLERANCE):
+        raise RefSAM3DError(
+            "ijk_to_ras has sheared (non-perpendicular) voxel axes; resample the volume onto a "
+            "regular grid first."
+        )
+    return (
+        tuple(float(v) for v in ijk_to_lps[:3, 3]),
+        tuple(float(v) for v in spacing),
+        tuple(float(v) for v in direction.ravel()),
+    )
+
+
+def sitk_from_array(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> sitk.Image:
+    """A SimpleITK image of ``array_kji`` (shape ``(K, J, I)``) placed by ``ijk_to_ras``."""
+    array_kji = np.asarray(array_kji)
+    if array_kji.ndim != 3:
+        raise RefSAM3DError(f"Expected a (K, J, I) array, got shape {array_kji.shape}.")
+    origin, spacing, direction = sitk_geometry_from_ijk_to_ras(ijk_to_ras)
+    image = sitk.GetImageFromArray(array_kji, isVector=False)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
+
+
+def volume_from_sitk(image: sitk.Image, name: str = "", modality: str | None = None) -> Volume:
+    """A :class:`Volume` holding a copy of a scalar 3D SimpleITK image's voxels, in RAS."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise RefSAM3DError(
+            f"{name or 'image'}: {image.GetNumberOfComponentsPerPixel()} values per voxel; "
+            "RefSAM3D needs a scalar (grey-value) image."
+        )
+    return Volume(
+        array=sitk.GetArrayFromImage(image),
+        ijk_to_ras=ijk_to_ras_from_sitk(image),
+        modality=modality,
+        name=name,
+    )
+
+
+def sitk_from_volume(volume: Volume) -> sitk.Image:
+    """The SimpleITK image of a :class:`Volume` (same voxels, LPS geometry)."""
+    return sitk_from_array(volume.array, volume.ijk_to_ras)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in SimpleITK's terms (LPS), without voxels: where a resampling lands.
+
+    Args:
+        size_ijk: number of voxels along i, j, k.
+        origin_lps: LPS mm of voxel (0, 0, 0).
+        spacing_mm: voxel size along i, j, k.
+        direction: 9 numbers, row-major 3x3; column c is the LPS unit vector of index axis c.
+    """
+
+    size_ijk: tuple[int, int, int]
+    origin_lps: tuple[float, float, float]
+    spacing_mm: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of_image(cls, image: sitk.Image) -> "Grid":
+        return cls(tuple(image.GetSize()), tuple(image.GetOrigin()), tuple(image.GetSpacing()),
+                   tuple(image.GetDirection()))
+
+    @classmethod
+    def from_ijk_to_ras(cls, ijk_to_ras: np.ndarray, shape_kji) -> "Grid":
+        origin, spacing, direction = sitk_geometry_from_ijk_to_ras(ijk_to_ras)
+        return cls(tuple(int(n) for n in reversed(shape_kji)), origin, spacing, direction)
+
+    @classmethod
+    def of_volume(cls, volume: Volume) -> "Grid":
+        return cls.from_ijk_to_ras(volume.ijk_to_ras, volume.shape_kji)
+
+    @property
+    def shape_kji(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in reversed(self.size_ijk))
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        ijk_to_lps = np.eye(4)
+        ijk_to_lps[:3, :3] = np.reshape(self.direction, (3, 3)) @ np.diag(self.spacing_mm)
+        ijk_to_lps[:3, 3] = self.origin_lps
+        return LPS_TO_RAS @ ijk_to_lps
+
+    def matches(self, other: "Grid", tolerance_mm: float = 1e-4) -> bool:
+        """Same size and every voxel at the same place (corner voxels compared, in mm)."""
+        if tuple(self.size_ijk) != tuple(other.size_ijk):
+            return False
+        i, j, k = (n - 1 for n in self.size_ijk)
+        corners = np.array([[a, b, c, 1.0] for a in (0, i) for b in (0, j) for c in (0, k)]).T
+        difference = self.ijk_to_ras @ corners - other.ijk_to_ras @ corners
+        return bool(np.max(np.abs(difference)) <= tolerance_mm)
+
+
+def resample(image: sitk.Image, grid: Grid, interpolator: int = sitk.sitkLinear,
+             default_value: float = 0.0, pixel_type: int = sitk.sitkUnknown) -> sitk.Image:
+    """``image`` resampled onto ``grid`` (physical positions preserved; outside -> default_value).
+
+    ``pixel_type`` sitkUnknown keeps the input's pixel type.
+    """
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(n) for n in grid.size_ijk])
+    resampler.SetOutputOrigin(grid.origin_lps)
+    resampler.SetOutputSpacing(grid.spacing_mm)
+    resampler.SetOutputDirection(grid.direction)
+    resampler.SetInterpolator(interpolator)
+    resampler.SetDefaultPixelValue(float(default_value))
+    resampler.SetOutputPixelType(pixel_type)
+    return resampler.Execute(image)

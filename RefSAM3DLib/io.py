@@ -1,0 +1,570 @@
+"""Reading volumes into a :class:`Volume` and writing a :class:`LabelResult`, atomically.
+
+Readers: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and a folder holding a
+DICOM series, all through SimpleITK. Anything a user can get wrong (missing or damaged file, 2D or
+4D image, vector or complex voxels, NaN, impossible spacing, ambiguous DICOM folder) raises a
+one-line :class:`RefSAM3DError` that says what is wrong and what to do.
+
+Writers put every voxel of the output on the input's own grid and never leave a half-written file:
+each output is written to a hidden temporary file in the destination folder, then renamed over
+the destination (``os.replace``, atomic on one file system). They refuse to overwrite an existing
+file unless ``overwrite=True``, and always refuse to overwrite the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import json
+import os
+import struct
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .errors import RefSAM3DError
+from .geometry import LPS_TO_RAS, Grid, resample, sitk_from_array, volume_from_sitk
+from .result import LabelResult, Segment
+from .volume import Volume
+
+VOLUME_SUFFIXES = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD",
+                   ".mha": "MetaImage", ".mhd": "MetaImage"}
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+SEG_NRRD_SUFFIX = ".seg.nrrd"
+
+MIN_SPACING_MM = 1e-3
+"""Smaller voxels than this are a broken header, not a real scan (micro-CT is ~1e-2 mm)."""
+MAX_SPACING_MM = 100.0
+"""Larger voxels than this are a broken header (the thickest clinical slices are ~10 mm)."""
+
+NOT_A_MEDICAL_DEVICE = "RefSAM3D is a research tool, not a medical device; not for clinical use."
+
+_OVERLAP_RULE = ("label map: where segments overlap, the voxel keeps the label of the EARLIER "
+                 "prompt; volume_ml counts each segment's full mask; .seg.nrrd keeps overlaps")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_volume(path, modality: str | None = None, frame: int | None = None,
+                series_uid: str | None = None) -> Volume:
+    """Read a 3D scalar volume from a file or a DICOM series folder.
+
+    Args:
+        path: a .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd file, or a folder holding one DICOM
+            series (or several, with ``series_uid``).
+        modality: ``"CT"`` or ``"MR"``; wins over everything. When ``None``: the DICOM Modality
+            tag if it is CT or MR, else :func:`guess_modality` ("CT" for Hounsfield-looking data,
+            otherwise ``None`` so that the caller's or the model config's default applies).
+        frame: which time frame of a 4D image to read (0-based); required for 4D images.
+        series_uid: which series of a DICOM folder holding several.
+
+    Returns:
+        Volume with ``array`` (K, J, I) in the file's own voxel type, ``ijk_to_ras`` in RAS, and
+        ``metadata`` ``{"path", "format", "frame", "series_uid"}``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise RefSAM3DError(f"{path}: no such file or folder; check the path.")
+    if path.is_dir():
+        image, series_uid, dicom_modality = _read_dicom_series(path, series_uid)
+        file_format = "DICOM"
+    else:
+        file_format = _volume_format(path)
+        if file_format == "NIfTI":
+            _check_nifti_file(path)
+        image = _read_image_file(path, file_format)
+        dicom_modality = None
+    image = _select_frame(image, frame, path.name)
+    _check_geometry(image, path.name)
+    volume = volume_from_sitk(image, name=path.name)
+    _check_finite(volume.array, path.name)
+    modality = modality or dicom_modality or guess_modality(volume.array)
+    return dataclasses.replace(
+        volume, modality=modality,
+        metadata={"path": str(path.resolve()), "format": file_format, "frame": frame,
+                  "series_uid": series_uid},
+    )
+
+
+def guess_modality(array: np.ndarray) -> str | None:
+    """``"CT"`` when the voxel values look like Hounsfield units, else ``None``.
+
+    The heuristic: the minimum lies in [-3100, -500] (air is -1000 HU; scanners pad outside the
+    field of view with -1024, -2048 or -3024) and the 99th percentile is at most 4000 (bone and
+    contrast stay below that). MR and PET values are rarely negative at all, so an MR is almost
+    never taken for a CT; an unknown modality is left to the caller's default.
+    """
+    minimum = float(array.min())
+    if not -3100.0 <= minimum <= -500.0:
+        return None
+    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
+    return "CT" if float(np.percentile(sample, 99)) <= 4000.0 else None
+
+
+def _volume_format(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, file_format in VOLUME_SUFFIXES.items():
+        if name.endswith(suffix):
+            return file_format
+    raise RefSAM3DError(
+        f"{path.name}: unsupported file type; use {', '.join(VOLUME_SUFFIXES)} or a DICOM folder."
+    )
+
+
+def _itk_reason(error: Exception) -> str:
+    """The last line of an ITK exception, which names the actual problem."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:160] if lines else type(error).__name__
+
+
+def _read_image_file(path: Path, file_format: str) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise RefSAM3DError(
+            f"{path.name}: not a readable {file_format} image ({_itk_reason(error)}); "
+            "check the file, or re-export it."
+        ) from None
+    # The header as written: ITK later turns a negative spacing into a positive one (mirroring
+    # the image) and refuses a zero spacing with a deep error.
+    _check_spacing(reader.GetSpacing()[:3], path.name)
+    _check_pixel_type(reader.GetNumberOfComponents(), reader.GetPixelID(), path.name)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise RefSAM3DError(
+            f"{path.name}: the {file_format} file is corrupt or truncated ({_itk_reason(error)}); "
+            "copy or export it again."
+        ) from None
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, str | None]:
+    series_uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    if not series_uids:
+        raise RefSAM3DError(
+            f"{folder}: no DICOM series found in this folder; pass a folder holding the .dcm "
+            "files of one series, or an image file."
+        )
+    if series_uid is None:
+        if len(series_uids) > 1:
+            raise RefSAM3DError(
+                f"{folder}: {len(series_uids)} DICOM series in one folder "
+                f"({', '.join(series_uids)}); move each series to its own folder, or pass "
+                "series_uid=... to read_volume."
+            )
+        series_uid = series_uids[0]
+    elif series_uid not in series_uids:
+        raise RefSAM3DError(
+            f"{folder}: no DICOM series {series_uid}; the folder holds {', '.join(series_uids)}."
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise RefSAM3DError(
+            f"{folder}: cannot read DICOM series {series_uid} ({_itk_reason(error)}); check that "
+            "all its files are complete."
+        ) from None
+    _check_pixel_type(image.GetNumberOfComponentsPerPixel(), image.GetPixelID(), folder.name)
+    _check_spacing(image.GetSpacing(), folder.name)
+    tag = "0008|0060"
+    dicom_modality = reader.GetMetaData(0, tag).strip() if reader.HasMetaDataKey(0, tag) else None
+    return image, series_uid, dicom_modality if dicom_modality in ("CT", "MR") else None
+
+
+def _select_frame(image: sitk.Image, frame: int | None, name: str) -> sitk.Image:
+    """The 3D image itself, or one frame of a 4D image."""
+    dimension, size = image.GetDimension(), image.GetSize()
+    if dimension == 2 or (dimension == 3 and min(size) == 1):
+        raise RefSAM3DError(
+            f"{name}: a 2D image (size {' x '.join(map(str, size))}); RefSAM3D segments 3D "
+            "volumes: pass the whole series or volume, not one slice."
+        )
+    if dimension == 3:
+        if frame not in (None, 0):
+            raise RefSAM3DError(f"{name}: a 3D image has no frame {frame}; leave --frame out.")
+        return image
+    if dimension != 4:
+        raise RefSAM3DError(f"{name}: a {dimension}D image; RefSAM3D needs a 3D volume.")
+    frames = size[3]
+    if frame is None:
+        raise RefSAM3DError(
+            f"{name}: a 4D image with {frames} frames; choose one with --frame N "
+            f"(frame=N in Python), 0 <= N < {frames}."
+        )
+    if not 0 <= frame < frames:
+        raise RefSAM3DError(f"{name}: frame {frame} is out of range; use 0 <= N < {frames}.")
+    extractor = sitk.ExtractImageFilter()
+    extractor.SetSize([size[0], size[1], size[2], 0])
+    extractor.SetIndex([0, 0, 0, int(frame)])
+    extractor.SetDirectionCollapseToStrategy(extractor.DIRECTIONCOLLAPSETOSUBMATRIX)
+    return extractor.Execute(image)
+
+
+def _check_pixel_type(components: int, pixel_id: int, name: str) -> None:
+    complex_ids = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+    if components != 1 or pixel_id in complex_ids:
+        raise RefSAM3DError(
+            f"{name}: {components} values per voxel (colour, vector or complex data); RefSAM3D "
+            "needs a scalar grey-value image such as a CT or MR volume."
+        )
+
+
+def _check_spacing(spacing_mm, name: str) -> None:
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing < MIN_SPACING_MM) \
+            or np.any(spacing > MAX_SPACING_MM):
+        raise RefSAM3DError(
+            f"{name}: impossible voxel spacing {tuple(float(s) for s in spacing)} mm (must be "
+            f"between {MIN_SPACING_MM} and {MAX_SPACING_MM} mm); fix the file's header."
+        )
+
+
+def _check_geometry(image: sitk.Image, name: str) -> None:
+    _check_spacing(image.GetSpacing(), name)
+    if abs(np.linalg.det(np.reshape(image.GetDirection(), (3, 3)))) < 1e-3:
+        raise RefSAM3DError(f"{name}: degenerate orientation matrix; fix the file's header.")
+
+
+def _check_finite(array: np.ndarray, name: str) -> None:
+    if np.issubdtype(array.dtype, np.floating):
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise RefSAM3DError(
+                f"{name}: {bad} voxels are NaN or infinite; replace them (e.g. with the background "
+                "value) before segmenting."
+            )
+
+
+def _check_nifti_file(path: Path) -> None:
+    """Catch what ITK lets through silently: a truncated NIfTI reads as zeros, a zero pixdim as 1 mm.
+
+    Reads the header and counts the data bytes (decompressing a .nii.gz once more).
+    """
+    compressed = path.name.lower().endswith(".gz")
+    with open(path, "rb") as raw:
+        magic = raw.read(2)
+    if compressed and magic != b"\x1f\x8b":
+        raise RefSAM3DError(
+            f"{path.name}: not gzip-compressed although named .nii.gz (a text or HTML file, or a "
+            "failed download?); get the image again."
+        )
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as stream:
+            header = stream.read(540)
+            layout = _nifti_layout(header)
+            if layout is None:
+                raise RefSAM3DError(f"{path.name}: not a NIfTI file (no valid header); check it.")
+            dims, bitpix, pixdim, vox_offset, single_file = layout
+            size = len(header)
+            while chunk := stream.read(1 << 22):
+                size += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        raise RefSAM3DError(
+            f"{path.name}: the compressed NIfTI file is truncated or corrupt; copy or export it again."
+        ) from None
+    if any(s == 0 or not np.isfinite(s) for s in pixdim[: min(len(dims), 3)]):
+        raise RefSAM3DError(
+            f"{path.name}: voxel spacing (pixdim) {tuple(pixdim[:3])} contains 0; fix the header."
+        )
+    expected = int(vox_offset) + int(np.prod(dims, dtype=np.int64)) * bitpix // 8
+    if single_file and size < expected:
+        raise RefSAM3DError(
+            f"{path.name}: truncated NIfTI file ({size} of {expected} bytes); copy or export it again."
+        )
+
+
+def _nifti_layout(header: bytes):
+    """(dims, bitpix, pixdim, vox_offset, single_file) from a NIfTI-1 or NIfTI-2 header, or None."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dim = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            pixdim = struct.unpack(endian + "8f", header[76:108])
+            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+            single_file = header[344:348] == b"n+1\x00"
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dim = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            single_file = header[4:8] == b"n+2\x00"
+            break
+    else:
+        return None
+    if not 1 <= dim[0] <= 7 or any(n < 1 for n in dim[1: dim[0] + 1]):
+        return None
+    return dim[1: dim[0] + 1], bitpix, pixdim[1: dim[0] + 1], vox_offset, single_file
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a temporary path next to ``path``; on success rename it over ``path``, else delete it.
+
+    The temporary name keeps the destination's suffix (``.X.<random>.partial.nii.gz``) so that
+    writers choosing the format by suffix (SimpleITK) write the right format. OS errors (folder
+    missing rights, path through a file) become a RefSAM3DError.
+    """
+    path = Path(path)
+    suffix = _full_suffix(path)
+    temporary = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}."
+                               f"{uuid.uuid4().hex[:8]}.partial{suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield temporary
+        os.replace(temporary, path)
+    except OSError as error:
+        raise RefSAM3DError(
+            f"Cannot write {path}: {error.strerror or error}; choose a writable output folder."
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def write_result(result: LabelResult, path, overwrite: bool = False) -> list[Path]:
+    """Write ``result`` in the format its suffix names; returns the files written.
+
+    ``.seg.nrrd`` -> :func:`write_seg_nrrd`; ``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` ->
+    :func:`write_labelmap` (label map + sidecar JSON).
+    """
+    name = str(path).lower()
+    if name.endswith(SEG_NRRD_SUFFIX):
+        return [write_seg_nrrd(result, path, overwrite)]
+    if name.endswith(LABELMAP_SUFFIXES):
+        return list(write_labelmap(result, path, overwrite))
+    raise RefSAM3DError(
+        f"{Path(path).name}: unsupported output type; use {SEG_NRRD_SUFFIX} (Slicer segmentation) "
+        f"or a label map: {', '.join(LABELMAP_SUFFIXES)}."
+    )
+
+
+def sidecar_path(labelmap_path) -> Path:
+    """``X.nii.gz`` -> ``X.json`` (the sidecar of a label map)."""
+    path = Path(labelmap_path)
+    return path.with_name(path.name[: len(path.name) - len(_full_suffix(path))] + ".json")
+
+
+def write_labelmap(result: LabelResult, path, overwrite: bool = False) -> tuple[Path, Path]:
+    """A label map on the input grid plus its sidecar JSON ``X.json``; returns both paths.
+
+    Voxel values are 1..N in prompt order (0 = background), uint8 (uint16 beyond 255 prompts).
+    Overlaps: a voxel claimed by several prompts keeps the EARLIER prompt's value (the first prompt
+    has priority); each segment's ``volume_ml`` in the JSON counts its full mask, and a warning in
+    the JSON says how many voxels went to earlier prompts. Use .seg.nrrd to keep overlaps.
+    """
+    path = Path(path)
+    json_path = sidecar_path(path)
+    _check_segments(result)
+    for target in (path, json_path):
+        _check_output(target, result.reference, overwrite)
+    labels, overlap_warnings = _label_array(result)
+    image = sitk_from_array(labels, result.reference.ijk_to_ras)
+    sidecar = _sidecar(result, path, overlap_warnings)
+    with atomic_write(path) as image_temporary, atomic_write(json_path) as json_temporary:
+        try:
+            sitk.WriteImage(image, str(image_temporary), useCompression=True)
+        except RuntimeError as error:
+            raise RefSAM3DError(f"Cannot write {path}: {_itk_reason(error)}.") from None
+        json_temporary.write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
+    return path, json_path
+
+
+def write_seg_nrrd(result: LabelResult, path, overwrite: bool = False) -> Path:
+    """A Slicer segmentation file (.seg.nrrd) on the input grid; overlapping segments are kept.
+
+    One segment per prompt, in prompt order: ID = structure key (or ``Segment_N``), name, colour,
+    ``TerminologyEntry`` tag from the vocabulary, plus tags ``RefSAM3D.Prompt`` and
+    ``RefSAM3D.StructureKey``; header fields ``RefSAM3D_ModelName``/``_ModelVersion`` carry
+    provenance. Segments sharing voxels go to separate layers (4D voxel array), as Slicer does.
+    """
+    import slicerio
+
+    path = Path(path)
+    _check_segments(result)
+    _check_output(path, result.reference, overwrite)
+    reference = result.reference
+    shape_ijk = tuple(reversed(reference.shape_kji))
+    segmentation = slicerio.create_segmentation(shape_ijk, LPS_TO_RAS @ reference.ijk_to_ras)
+    full_extent = [0, shape_ijk[0] - 1, 0, shape_ijk[1] - 1, 0, shape_ijk[2] - 1]
+    used_ids: set[str] = set()
+    for number, segment in enumerate(result.segments, start=1):
+        segment_id = segment.structure.key if segment.structure else f"Segment_{number}"
+        if segment_id in used_ids:
+            segment_id = f"{segment_id}_{number}"
+        used_ids.add(segment_id)
+        tags = {"RefSAM3D.Prompt": _tag_value(segment.prompt)}
+        if segment.structure is not None:
+            tags["RefSAM3D.StructureKey"] = segment.structure.key
+            tags["TerminologyEntry"] = segment.structure.terminology_entry()
+        added = slicerio.add_segment(segmentation, segment.mask.transpose(2, 1, 0) > 0, {
+            "id": segment_id, "name": segment.name,
+            "color": [c / 255.0 for c in segment.color_rgb],
+            "nameAutoGenerated": False, "colorAutoGenerated": False, "tags": tags,
+        })
+        # Full extent for every segment: older Slicer versions cropped a shared layer to the extent
+        # of its first segment (see slicerio.extract_segments).
+        added["extent"] = full_extent
+    segmentation["containedRepresentationNames"] = ["Binary labelmap"]
+    segmentation["masterRepresentation"] = "Binary labelmap"
+    segmentation["RefSAM3D_ModelName"] = result.model_name
+    segmentation["RefSAM3D_ModelVersion"] = result.model_version
+    with atomic_write(path) as temporary:
+        slicerio.write_segmentation(str(temporary), segmentation, compression_level=1)
+    return path
+
+
+def read_seg_nrrd(path, reference: Volume) -> LabelResult:
+    """Read a .seg.nrrd (ours or Slicer's) back as a LabelResult on ``reference``'s grid.
+
+    This is how the Slicer module takes a worker's output: masks come back ``(K, J, I)`` uint8 on
+    the reference volume's voxels (resampled nearest-neighbour when the file's grid differs, e.g. a
+    Slicer file cropped to the segments' extent). ``Segment.prompt`` is the ``RefSAM3D.Prompt`` tag
+    (else the segment name); ``Segment.structure`` is the vocabulary entry named by the
+    ``RefSAM3D.StructureKey`` tag, or ``None``.
+    """
+    import slicerio
+
+    from .vocabulary import lookup
+
+    path = Path(path)
+    if not path.is_file():
+        raise RefSAM3DError(f"{path}: no such segmentation file; check the path.")
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as error:  # pynrrd and slicerio raise many types for a damaged file
+        raise RefSAM3DError(
+            f"{path.name}: not a readable segmentation file ({error}); write it again."
+        ) from None
+    file_ijk_to_ras = LPS_TO_RAS @ segmentation["ijkToLPS"]
+    shape_kji = tuple(reversed(segmentation["voxels"].shape[-3:]))
+    source_grid = Grid.from_ijk_to_ras(file_ijk_to_ras, shape_kji)
+    reference_grid = Grid.of_volume(reference)
+    segments = []
+    for fields in segmentation["segments"]:
+        mask = np.ascontiguousarray(
+            slicerio.segment_mask(segmentation, fields).transpose(2, 1, 0), dtype=np.uint8)
+        if not source_grid.matches(reference_grid):
+            mask = sitk.GetArrayFromImage(resample(
+                sitk_from_array(mask, file_ijk_to_ras), reference_grid, sitk.sitkNearestNeighbor))
+        tags = fields.get("tags", {})
+        key = tags.get("RefSAM3D.StructureKey")
+        structure = lookup(key) if key else None
+        prompt = tags.get("RefSAM3D.Prompt", fields.get("name", fields["id"]))
+        segments.append(Segment(prompt=prompt, structure=structure, mask=mask))
+    return LabelResult(
+        reference=reference, segments=segments,
+        model_name=str(segmentation.get("RefSAM3D_ModelName", "")),
+        model_version=str(segmentation.get("RefSAM3D_ModelVersion", "")),
+    )
+
+
+def _full_suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (SEG_NRRD_SUFFIX, ".nii.gz"):
+        if name.endswith(suffix):
+            return path.name[-len(suffix):]
+    return path.suffix
+
+
+def _tag_value(text: str) -> str:
+    # '|' separates Slicer segment tags and a newline would end the NRRD header field.
+    return " ".join(text.replace("|", "/").split())
+
+
+def _check_output(path: Path, reference: Volume, overwrite: bool) -> None:
+    input_path = reference.metadata.get("path")
+    if input_path and path.resolve() == Path(input_path).resolve():
+        raise RefSAM3DError(f"{path}: this is the input file; choose another output name.")
+    if path.is_dir():
+        raise RefSAM3DError(f"{path}: is a folder; give an output file name.")
+    if path.exists() and not overwrite:
+        raise RefSAM3DError(
+            f"{path}: already exists; choose another name or allow overwriting (--overwrite)."
+        )
+
+
+def _check_segments(result: LabelResult) -> None:
+    for segment in result.segments:
+        if segment.mask.shape != result.reference.shape_kji:
+            raise RefSAM3DError(
+                f"Segment {segment.name!r}: mask shape {segment.mask.shape} is not the reference "
+                f"volume's {result.reference.shape_kji}."
+            )
+
+
+def _label_array(result: LabelResult) -> tuple[np.ndarray, list[str]]:
+    """``(K, J, I)`` labels 1..N in prompt order, earlier prompts winning overlaps; warnings."""
+    dtype = np.uint8 if len(result.segments) < 256 else np.uint16
+    labels = np.zeros(result.reference.shape_kji, dtype=dtype)
+    warnings = []
+    for value, segment in enumerate(result.segments, start=1):
+        mask = segment.mask > 0
+        free = mask & (labels == 0)
+        labels[free] = value
+        taken = int(np.count_nonzero(mask)) - int(np.count_nonzero(free))
+        if taken:
+            warnings.append(
+                f"{taken} voxels of '{segment.name}' (label {value}) overlap earlier prompts and "
+                "keep their label; write .seg.nrrd to keep overlaps."
+            )
+    return labels, warnings
+
+
+def _code_record(code):
+    if code is None:
+        return None
+    return dataclasses.asdict(code) if dataclasses.is_dataclass(code) else str(code)
+
+
+def _sidecar(result: LabelResult, path: Path, overlap_warnings: list[str]) -> dict:
+    reference = result.reference
+    labels = {}
+    for value, segment in enumerate(result.segments, start=1):
+        structure = segment.structure
+        labels[str(value)] = {
+            "key": structure.key if structure else None,
+            "name": segment.name,
+            "color_rgb": [int(c) for c in segment.color_rgb],
+            "snomed": None if structure is None else {
+                "category": _code_record(structure.category),
+                "type": _code_record(structure.type),
+                "modifier": _code_record(structure.modifier),
+            },
+            "terminology_entry": structure.terminology_entry() if structure else None,
+            "volume_ml": round(result.volume_ml(segment), 3),
+            "prompt": segment.prompt,
+        }
+    return {
+        "labelmap": path.name,
+        "labels": labels,
+        "overlaps": _OVERLAP_RULE,
+        "model": {"name": result.model_name, "version": result.model_version},
+        "refsam3d_version": __version__,
+        "input": {
+            "file": reference.metadata.get("path") or reference.name,
+            "shape_kji": list(reference.shape_kji),
+            "spacing_mm": list(reference.spacing_mm),
+            "ijk_to_ras": reference.ijk_to_ras.tolist(),
+            "modality": reference.modality,
+        },
+        "elapsed_s": round(float(result.elapsed_s), 3),
+        "warnings": list(result.warnings) + overlap_warnings,
+        "note": NOT_A_MEDICAL_DEVICE,
+    }

@@ -1,0 +1,162 @@
+"""The one preprocessing, shared by training and inference, and its inverse.
+
+Model space is an axis-aligned grid at the model's spacing with identity LPS direction
+(i -> L, j -> P, k -> S) that covers the input's physical bounding box. Whatever the input's
+orientation (oblique, flipped axes, anisotropic voxels), the model sees the anatomy the same way
+round; the array handed to it is ``(D, H, W) = (k, j, i)`` of that grid.
+
+Volumes smaller than one model window need no special case here: MONAI's
+``sliding_window_inference`` pads the image up to the window (constant 0, the darkest normalised
+intensity) and crops its output back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from monai.transforms import ScaleIntensityRange
+
+from .errors import RefSAM3DError
+from .geometry import LPS_TO_RAS, Grid, resample, sitk_from_array
+from .volume import MODALITIES, Volume
+
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+
+
+@dataclass(frozen=True)
+class IntensitySettings:
+    """How voxel values become model intensities in [0, 1].
+
+    Args:
+        modality: ``"CT"`` or ``"MR"``.
+        ct_window_hu: ``(low, high)`` HU; CT values are clipped to it and scaled to [0, 1].
+        mr_percentiles: ``(low, high)`` percentiles of the non-zero voxels that map to 0 and 1
+            (values beyond are clipped).
+    """
+
+    modality: str
+    ct_window_hu: tuple[float, float]
+    mr_percentiles: tuple[float, float]
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise RefSAM3DError(
+                f"Unknown modality {self.modality!r}: use one of {', '.join(MODALITIES)}."
+            )
+
+    @classmethod
+    def from_config(cls, config, modality: str) -> "IntensitySettings":
+        """The settings a model config prescribes (its ``ct_window_hu`` and ``mr_percentiles``)."""
+        return cls(modality, tuple(config.ct_window_hu), tuple(config.mr_percentiles))
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """The two grids of one preprocessing: what is needed to go back to the input's voxels.
+
+    Args:
+        model: the axis-aligned model-space grid (identity LPS direction, model spacing).
+        input: the input volume's own grid.
+    """
+
+    model: Grid
+    input: Grid
+
+    @property
+    def shape_dhw(self) -> tuple[int, int, int]:
+        return self.model.shape_kji
+
+
+def model_grid(volume: Volume, spacing_mm) -> ModelGrid:
+    """The model-space grid at ``spacing_mm`` (i, j, k) covering ``volume``'s bounding box.
+
+    The box spans the outer faces of the input's corner voxels; the grid is centred on it.
+    """
+    spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(3)
+    if not np.all(spacing > 0):
+        raise RefSAM3DError(f"Model spacing must be positive, got {tuple(spacing)} mm.")
+    ijk_to_lps = LPS_TO_RAS @ volume.ijk_to_ras
+    k, j, i = volume.shape_kji
+    corners = np.array([[a, b, c, 1.0] for a in (-0.5, i - 0.5) for b in (-0.5, j - 0.5)
+                        for c in (-0.5, k - 0.5)]).T
+    corners_lps = (ijk_to_lps @ corners)[:3]
+    low, high = corners_lps.min(axis=1), corners_lps.max(axis=1)
+    size = [max(1, math.ceil(round(extent, 6))) for extent in (high - low) / spacing]
+    margin = (np.array(size) * spacing - (high - low)) / 2.0
+    origin = low - margin + spacing / 2.0
+    model = Grid(tuple(size), tuple(float(v) for v in origin), tuple(float(v) for v in spacing),
+                 (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return ModelGrid(model=model, input=Grid.of_volume(volume))
+
+
+def to_model_space(volume: Volume, spacing_mm, intensity: IntensitySettings
+                   ) -> tuple[np.ndarray, ModelGrid]:
+    """Resample ``volume`` into model space and normalise its intensities.
+
+    Linear interpolation; outside the input the image takes the volume's minimum (background).
+
+    Returns:
+        ``(image_dhw, grid)``: float32 ``(D, H, W)`` in [0, 1], and the grids to go back.
+    """
+    grid = model_grid(volume, spacing_mm)
+    background = float(volume.array.min())
+    resampled = resample(sitk_from_array(volume.array, volume.ijk_to_ras), grid.model,
+                         sitk.sitkLinear, background, sitk.sitkFloat32)
+    image_dhw = sitk.GetArrayFromImage(resampled)
+    if intensity.modality == "CT":
+        low, high = intensity.ct_window_hu
+    else:
+        nonzero = image_dhw[image_dhw != 0]
+        if nonzero.size == 0:
+            low, high = 0.0, 1.0
+        else:
+            low, high = (float(v) for v in np.percentile(nonzero, intensity.mr_percentiles))
+    if high <= low:
+        high = low + 1.0  # a constant image: everything maps to 0 instead of dividing by zero
+    scale = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True,
+                                dtype=np.float32)
+    return np.asarray(scale(image_dhw), dtype=np.float32), grid
+
+
+def labels_to_model_space(label_volume: Volume, grid: ModelGrid) -> np.ndarray:
+    """A label map resampled (nearest neighbour) onto the model grid: uint8 ``(D, H, W)``.
+
+    Resampled by physical position, so the label file may have its own grid.
+    """
+    if label_volume.array.size and (label_volume.array.min() < 0 or label_volume.array.max() > 255):
+        raise RefSAM3DError(
+            f"{label_volume.name or 'label map'}: label values must be 0..255, got "
+            f"{label_volume.array.min()}..{label_volume.array.max()}."
+        )
+    labels = sitk_from_array(label_volume.array.astype(np.uint8, copy=False),
+                             label_volume.ijk_to_ras)
+    return sitk.GetArrayFromImage(resample(labels, grid.model, sitk.sitkNearestNeighbor, 0))
+
+
+def from_model_space(channel_dhw: np.ndarray, grid: ModelGrid,
+                     interpolation: str = "linear") -> np.ndarray:
+    """One model-space channel (e.g. one prompt's probabilities) back on the input grid.
+
+    Args:
+        channel_dhw: ``(D, H, W)`` array on ``grid.model``.
+        grid: the ModelGrid from :func:`to_model_space`.
+        interpolation: ``"linear"`` (probabilities) or ``"nearest"`` (labels).
+
+    Returns:
+        float32 ``(K, J, I)`` on the input volume's grid; 0 outside the model grid.
+    """
+    if interpolation not in _INTERPOLATORS:
+        raise RefSAM3DError(
+            f"Unknown interpolation {interpolation!r}: use one of {', '.join(_INTERPOLATORS)}."
+        )
+    channel_dhw = np.asarray(channel_dhw, dtype=np.float32)
+    if channel_dhw.shape != grid.shape_dhw:
+        raise RefSAM3DError(
+            f"Model-space array has shape {channel_dhw.shape}, the model grid {grid.shape_dhw}."
+        )
+    image = sitk_from_array(channel_dhw, grid.model.ijk_to_ras)
+    back = resample(image, grid.input, _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(back)

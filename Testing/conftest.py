@@ -1,0 +1,107 @@
+"""Fixtures shared by the test files: the bundled samples and data made from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "RefSAM3DLib" / "samples"
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """The bundled sample cases (``<case>_image.nii.gz`` + ``<case>_label.nii.gz``)."""
+    return SAMPLES_DIR
+
+
+@pytest.fixture(scope="session")
+def make_dicom_series():
+    """Write a 3D SimpleITK image as a DICOM series: ``make(image, folder, series_uid) -> folder``.
+
+    One file per slice with the position, orientation and spacing tags a series reader needs
+    (SimpleITK's own recipe for writing series); pixel values stay as they are (int16).
+    """
+
+    def make(image: sitk.Image, folder: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+             modality: str = "CT") -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        direction = image.GetDirection()
+        orientation = "\\".join(f"{v:.10f}" for v in direction[0:7:3] + direction[1:8:3])
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for k in range(image.GetDepth()):
+            slice_image = image[:, :, k]
+            position = image.TransformIndexToPhysicalPoint((0, 0, k))
+            tags = {
+                "0008|0060": modality,
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0008|0018": f"{series_uid}.{k + 1}",
+                "0020|000d": f"{series_uid}.0",
+                "0020|000e": series_uid,
+                "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.10f}" for v in position),
+                "0020|0037": orientation,
+                "0018|0050": f"{image.GetSpacing()[2]:.10f}",
+            }
+            for tag, value in tags.items():
+                slice_image.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"slice{k:04d}.dcm"))
+            writer.Execute(slice_image)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_config():
+    """The vit_b architecture (SAM-initialised, CLIP text) at toy size: 32^3 window, width 32, 4 blocks."""
+    import dataclasses
+
+    from RefSAM3DLib.model import CONFIGS
+
+    return dataclasses.replace(
+        CONFIGS["vit_b"], name="tiny_sam", window_size_vox=32, patch_size=8, embed_dim=32, depth=4,
+        num_heads=2, attn_window_tok=2, global_attn_indexes=(1, 3), stage_indexes=(0, 1, 2, 3),
+        adapter_dim=8, neck_dim=16, upsample_channels=(16, 8, 8), text_dim=32, text_context_length=16,
+        decoder_heads=2, decoder_mlp_dim=32, fusion_channels=4,
+        clip_text=dict(width=32, heads=2, layers=1, vocab_size=49408, output_dim=32),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_files(tmp_path_factory):
+    """A toy SAM (segment_anything's own classes, random weights) saved with torch.save, and a toy
+    open_clip text tower saved as safetensors: ``(sam_path, clip_path, sam_state_dict)``.
+    The SAM matches ``tiny_sam_config``: width 32, patch 8, 4 blocks, global blocks 1 and 3."""
+    from functools import partial
+
+    import torch
+    from safetensors.torch import save_file
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    from RefSAM3DLib.model.text_encoder import ClipTextEncoder
+
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(
+        img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4, out_chans=16,
+        qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+        global_attn_indexes=(1, 3), window_size=3,
+    )
+    sam = Sam(
+        image_encoder=encoder,
+        prompt_encoder=PromptEncoder(embed_dim=16, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=16,
+                                 transformer=TwoWayTransformer(depth=1, embedding_dim=16, mlp_dim=32, num_heads=2)),
+    )
+    with torch.no_grad():
+        for param in sam.parameters():  # non-trivial values everywhere (SAM zero-inits rel-pos tables)
+            param.normal_(0.0, 0.1)
+    folder = tmp_path_factory.mktemp("tiny_base_weights")
+    sam_path = folder / "tiny_sam.pth"
+    torch.save(sam.state_dict(), sam_path)
+    clip = ClipTextEncoder(width=32, heads=2, layers=1, vocab_size=49408, output_dim=32, context_length=16)
+    clip_path = folder / "tiny_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.tower.state_dict().items()}, str(clip_path))
+    return sam_path, clip_path, sam
