@@ -1,0 +1,379 @@
+"""Evaluation: Dice, normalised surface Dice and HD95 per case and structure, with MONAI's metrics.
+
+Empty masks follow MONAI's documented behaviour, reported as such (``EMPTY_MASK_POLICY``):
+
+* Dice (``compute_dice``, ``ignore_empty=False``): 1 when prediction and reference are both empty,
+  0 when exactly one of them is empty.
+* NSD (``compute_surface_dice``): NaN when both are empty, 0 when exactly one is empty.
+* HD95 (``compute_hausdorff_distance``, ``percentile=95``): NaN when either mask is empty (MONAI
+  warns "this may result in nan/inf distance"; it returns NaN).
+
+Means leave NaN out and the report counts how many values were undefined.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import RefSAM3DError
+
+EMPTY_MASK_POLICY = (
+    "Empty masks follow MONAI's documented behaviour: Dice (compute_dice, ignore_empty=False) is 1 "
+    "when prediction and reference are both empty and 0 when only one is empty; NSD "
+    "(compute_surface_dice) is NaN when both are empty and 0 when only one is empty; HD95 "
+    "(compute_hausdorff_distance, percentile 95) is NaN when either is empty. Means leave NaN out; "
+    "the 'undefined' columns count them."
+)
+CSV_COLUMNS = ("case", "structure", "name", "modality", "dice", "nsd", "hd95_mm",
+               "reference_ml", "predicted_ml", "prompt")
+
+
+def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float],
+                 tolerance_mm: float = 2.0) -> dict[str, float]:
+    """Dice, NSD at ``tolerance_mm`` and HD95 in mm of one binary prediction against its reference.
+
+    Args:
+        prediction: binary mask, any shape (``(K, J, I)`` for our volumes).
+        reference: binary mask of the same shape.
+        spacing_mm: voxel size along each array axis, in the array's axis order (for a ``(K, J, I)``
+            array that is ``volume.spacing_mm[::-1]``).
+        tolerance_mm: NSD boundary tolerance in mm.
+
+    Returns:
+        ``{"dice", "nsd", "hd95_mm"}`` as floats; see the module docstring for empty masks.
+    """
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+    prediction = np.asarray(prediction)
+    reference = np.asarray(reference)
+    if prediction.shape != reference.shape:
+        raise RefSAM3DError(
+            f"Prediction shape {prediction.shape} differs from reference shape {reference.shape}; "
+            "a label must lie on its image's grid."
+        )
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) != prediction.ndim or not all(s > 0 and math.isfinite(s) for s in spacing):
+        raise RefSAM3DError(f"spacing_mm must give one positive size per array axis, got {spacing_mm}.")
+    # (B, C, *spatial) with the structure as the only channel, so include_background=True.
+    y_pred = torch.from_numpy(np.ascontiguousarray(prediction > 0, dtype=np.uint8))[None, None]
+    y = torch.from_numpy(np.ascontiguousarray(reference > 0, dtype=np.uint8))[None, None]
+    with warnings.catch_warnings():
+        # MONAI warns for empty masks; the policy above is documented and stated in every report.
+        warnings.filterwarnings("ignore", message=".*(is all 0|nan/inf distance).*")
+        # MONAI 1.5+ calls its own deprecated get_mask_edges argument; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        dice = compute_dice(y_pred, y, include_background=True, ignore_empty=False)
+        nsd = compute_surface_dice(y_pred, y, class_thresholds=[float(tolerance_mm)], include_background=True,
+                                   spacing=spacing)
+        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)
+    return {"dice": float(dice.item()), "nsd": float(nsd.item()), "hd95_mm": float(hd95.item())}
+
+
+# ---- datasets ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One labelled image to evaluate.
+
+    Args:
+        name: case identifier used in reports.
+        image_path: the image file (or DICOM folder).
+        label_path: the label map on the image's grid.
+        labels: label value -> structure key (a vocabulary key when the name is known, else the
+            label-map name as written).
+        modality: ``"CT"``, ``"MR"`` or ``None`` (then guessed when reading).
+        frame: channel of a 4D image to use (MSD multi-channel images), else ``None``.
+    """
+
+    name: str
+    image_path: Path
+    label_path: Path
+    labels: dict[int, str] = field(default_factory=dict)
+    modality: str | None = None
+    frame: int | None = None
+
+
+def _structure_key(label_name: str) -> str:
+    from .vocabulary import lookup
+
+    structure = lookup(label_name)
+    return structure.key if structure is not None else label_name
+
+
+def cases_from_folder_pairs(folder, labelmaps_json=None) -> list[EvalCase]:
+    """Cases laid out like ``../shared/data``: ``<case>_image.nii.gz`` + ``<case>_label.nii.gz``
+    (in ``folder`` or its sub-folders) and a ``labelmaps.json`` mapping each label file (by name
+    or by path relative to the JSON's folder) to ``{value: name}``."""
+    folder = Path(folder)
+    labelmaps_json = Path(labelmaps_json) if labelmaps_json else folder / "labelmaps.json"
+    if not labelmaps_json.is_file():
+        raise RefSAM3DError(f"{labelmaps_json}: no label-map JSON; give --data a folder with labelmaps.json.")
+    maps = json.loads(labelmaps_json.read_text())
+    cases = []
+    for label_path in sorted(folder.rglob("*_label.nii.gz")):
+        image_path = label_path.with_name(label_path.name.replace("_label.nii.gz", "_image.nii.gz"))
+        relative = label_path.relative_to(labelmaps_json.parent).as_posix() if label_path.is_relative_to(labelmaps_json.parent) else None
+        names = maps.get(relative) or maps.get(label_path.name)
+        if not image_path.is_file() or not names:
+            continue
+        labels = {int(value): _structure_key(name) for value, name in names.items()}
+        cases.append(EvalCase(label_path.name[: -len("_label.nii.gz")], image_path, label_path, labels))
+    if not cases:
+        raise RefSAM3DError(f"{folder}: no *_image.nii.gz / *_label.nii.gz pairs listed in {labelmaps_json.name}.")
+    return cases
+
+
+def cases_from_msd(dataset_json) -> list[EvalCase]:
+    """Cases of a Medical Segmentation Decathlon ``dataset.json``.
+
+    Uses its ``validation`` list when it has one, else ``training`` (the MSD test lists carry no
+    labels). A multi-channel image is evaluated on its first channel.
+    """
+    dataset_json = Path(dataset_json)
+    try:
+        dataset = json.loads(dataset_json.read_text())
+    except (OSError, ValueError) as error:
+        raise RefSAM3DError(f"{dataset_json}: cannot read the MSD dataset.json ({error}).") from None
+    entries = dataset.get("validation") or dataset.get("training") or []
+    if not entries or "labels" not in dataset:
+        raise RefSAM3DError(f"{dataset_json}: no labelled 'training'/'validation' cases or no 'labels'; is this an MSD dataset.json?")
+    modalities = dataset.get("modality", {})
+    first = str(modalities.get("0", modalities.get(0, ""))).upper()
+    modality = "CT" if first == "CT" else ("MR" if first else None)
+    labels = {int(v): _structure_key(n) for v, n in dataset["labels"].items() if int(v) != 0}
+    frame = 0 if len(modalities) > 1 else None
+    root = dataset_json.parent
+    cases = []
+    for entry in entries:
+        image_path, label_path = root / entry["image"], root / entry["label"]
+        name = Path(entry["image"]).name.split(".")[0]
+        cases.append(EvalCase(name, image_path, label_path, labels, modality, frame))
+    return cases
+
+
+def cases_from_data(data) -> list[EvalCase]:
+    """``--data``: an MSD ``dataset.json`` (or a folder holding one), or a folder of pairs."""
+    data = Path(data)
+    if data.is_dir() and (data / "dataset.json").is_file() and not (data / "labelmaps.json").is_file():
+        data = data / "dataset.json"
+    if data.is_file() and data.suffix == ".json":
+        return cases_from_msd(data)
+    if data.is_dir():
+        return cases_from_folder_pairs(data)
+    raise RefSAM3DError(f"{data}: not a folder or a dataset.json; give a data folder with labelmaps.json or an MSD dataset.json.")
+
+
+# ---- running ----------------------------------------------------------------------------------------
+
+
+def default_prompt(structure_key: str) -> str:
+    """The prompt used for a structure when none is given: its display name ("Left kidney")."""
+    from .vocabulary import lookup
+
+    structure = lookup(structure_key)
+    return structure.name if structure is not None else structure_key.replace("_", " ")
+
+
+def _find_segment(result, key: str, prompt: str):
+    for segment in result.segments:
+        if (segment.structure is not None and segment.structure.key == key) or segment.prompt == prompt:
+            return segment
+    return None
+
+
+def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
+             prompts_by_structure: dict[str, str] | None = None, device: str = "auto",
+             progress: Callable[[float, str], None] | None = None, tolerance_mm: float = 2.0,
+             worst_cases: int = 3) -> list[dict]:
+    """Segment every case, score every labelled structure, write the report and worst-case overlays.
+
+    Args:
+        model_name_or_path: a loaded RefSAM3D model, a bundled model name, a checkpoint folder,
+            or ``None`` for the default model.
+        dataset_cases: the cases (:class:`EvalCase`).
+        output_dir: report folder (``report.csv``, ``report.md``, ``worst_*.png``).
+        prompts_by_structure: structure key -> prompt text; default the structure's name.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        progress: called with (fraction in [0, 1], message).
+        tolerance_mm: NSD tolerance.
+        worst_cases: how many cases (lowest mean Dice) get overlay PNGs.
+
+    Returns:
+        The report rows (one per case and structure, columns ``CSV_COLUMNS``).
+    """
+    from .inference import segment
+    from .io import read_volume
+    from .overlay import write_overlay_png
+    from .result import LabelResult, Segment
+    from .vocabulary import lookup
+
+    cases = list(dataset_cases)
+    if not cases:
+        raise RefSAM3DError("No cases to evaluate; check --data (and --cases).")
+    model = _load(model_name_or_path, device)
+    model_label = f"{getattr(model, 'name', 'refsam3d')} {getattr(model, 'version', '')}".strip()
+    prompts_by_structure = dict(prompts_by_structure or {})
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    kept: list[tuple[float, str, object, object]] = []  # (mean Dice, case, prediction, reference)
+
+    for index, case in enumerate(cases):
+        if progress:
+            progress(index / len(cases), f"Case {index + 1}/{len(cases)}: {case.name}")
+        image = read_volume(case.image_path, modality=case.modality, frame=case.frame)
+        label = read_volume(case.label_path)
+        if label.shape_kji != image.shape_kji or not np.allclose(label.ijk_to_ras, image.ijk_to_ras, atol=1e-3):
+            raise RefSAM3DError(f"{case.name}: the label's grid differs from the image's; labels must lie on the image grid.")
+        prompts = {key: prompts_by_structure.get(key, default_prompt(key)) for key in case.labels.values()}
+        result = segment(image, list(prompts.values()), model=model, device=device)
+        spacing_kji = image.spacing_mm[::-1]
+        reference_segments = []
+        case_rows = []
+        for value, key in case.labels.items():
+            reference = label.array == value
+            predicted = _find_segment(result, key, prompts[key])
+            mask = predicted.mask if predicted is not None else np.zeros(reference.shape, np.uint8)
+            metrics = case_metrics(mask, reference, spacing_kji, tolerance_mm)
+            structure = lookup(key)
+            case_rows.append({
+                "case": case.name, "structure": key, "name": structure.name if structure else key,
+                "modality": image.modality or "MR", **metrics,
+                "reference_ml": float(reference.sum()) * image.voxel_volume_ml,
+                "predicted_ml": float(np.count_nonzero(mask)) * image.voxel_volume_ml, "prompt": prompts[key],
+            })
+            reference_segments.append(Segment(key, structure, reference.astype(np.uint8)))
+        rows.extend(case_rows)
+        mean_dice = float(np.mean([r["dice"] for r in case_rows])) if case_rows else 1.0
+        reference_result = LabelResult(image, reference_segments, "reference", case.label_path.name)
+        kept = sorted(kept + [(mean_dice, case.name, result, reference_result)], key=lambda k: k[0])[:worst_cases]
+
+    worst = []
+    for rank, (mean_dice, name, result, reference_result) in enumerate(kept, start=1):
+        predicted_png = write_overlay_png(result, output_dir / f"worst_{rank}_{name}.png", overwrite=True)
+        reference_png = write_overlay_png(reference_result, output_dir / f"worst_{rank}_{name}_reference.png", overwrite=True)
+        worst.append((name, mean_dice, predicted_png.name, reference_png.name))
+    write_report(rows, output_dir, tolerance_mm, model_name=model_label, worst=worst)
+    if progress:
+        progress(1.0, "Evaluation done")
+    return rows
+
+
+def _load(model_name_or_path, device: str):
+    if model_name_or_path is not None and not isinstance(model_name_or_path, (str, Path)):
+        return model_name_or_path
+    from .checkpoint import load_model
+    from .inference import resolve_device
+
+    return load_model(model_name_or_path, device=str(resolve_device(device)))
+
+
+def evaluate_command(model, data, output_dir, case_names: Sequence[str] | None = None, device: str = "auto",
+                     tolerance_mm: float = 2.0) -> Path:
+    """``refsam3d evaluate``: returns the path of ``report.md``."""
+    cases = cases_from_data(data)
+    if case_names:
+        missing = sorted(set(case_names) - {c.name for c in cases})
+        if missing:
+            raise RefSAM3DError(f"Unknown case(s) {', '.join(missing)}; the data holds {', '.join(c.name for c in cases)}.")
+        cases = [c for c in cases if c.name in set(case_names)]
+    evaluate(model, cases, output_dir, device=device, tolerance_mm=tolerance_mm)
+    return Path(output_dir) / "report.md"
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+
+def _summary(rows: list[dict]) -> dict[str, float]:
+    """Means over defined values (NaN left out), their count and the undefined counts."""
+    summary: dict[str, float] = {"n": len(rows)}
+    for metric in ("dice", "nsd", "hd95_mm"):
+        values = np.array([r[metric] for r in rows], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        summary[metric] = float(finite.mean()) if finite.size else float("nan")
+        summary[f"{metric}_sd"] = float(finite.std()) if finite.size else float("nan")
+        summary[f"{metric}_undefined"] = int(values.size - finite.size)
+    return summary
+
+
+def _grouped(rows: list[dict], column: str) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row[column], []).append(row)
+    return {name: _summary(group) for name, group in groups.items()}
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _table(title: str, label: str, groups: dict[str, dict[str, float]]) -> list[str]:
+    lines = [f"## {title}", "",
+             f"| {label} | n | Dice mean ± sd | NSD mean ± sd | HD95 mm mean ± sd | NSD undefined | HD95 undefined |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in groups.items():
+        lines.append(
+            f"| {name} | {s['n']} | {_fmt(s['dice'], 3)} ± {_fmt(s['dice_sd'], 3)} | {_fmt(s['nsd'], 3)} ± "
+            f"{_fmt(s['nsd_sd'], 3)} | {_fmt(s['hd95_mm'], 1)} ± {_fmt(s['hd95_mm_sd'], 1)} | "
+            f"{s['nsd_undefined']} | {s['hd95_mm_undefined']} |"
+        )
+    return lines + [""]
+
+
+def write_report(rows: list[dict], output_dir, tolerance_mm: float, model_name: str = "unknown",
+                 worst: Sequence[tuple[str, float, str, str]] = ()) -> tuple[Path, Path]:
+    """Write ``report.csv`` (one row per case and structure) and ``report.md`` (means per
+    structure and per modality, settings, the empty-mask policy, the model), atomically.
+
+    Args:
+        rows: dicts with at least ``case, structure, name, modality, dice, nsd, hd95_mm``.
+        output_dir: folder to write into (created if needed).
+        tolerance_mm: the NSD tolerance the rows were computed with.
+        model_name: model name and version, for the report header.
+        worst: ``(case, mean Dice, prediction PNG, reference PNG)`` of the worst cases.
+    """
+    import monai
+
+    from .io import atomic_write
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = output_dir / "report.csv", output_dir / "report.md"
+    with atomic_write(csv_path) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    by_structure = _grouped(rows, "name")
+    lines = [
+        f"# Evaluation report: {model_name}", "",
+        f"- Date: {datetime.date.today().isoformat()}",
+        f"- Cases: {len({r['case'] for r in rows})}, structures scored: {len(rows)} (case x structure)",
+        f"- Metrics: MONAI {monai.__version__} compute_dice, compute_surface_dice (NSD, tolerance "
+        f"{tolerance_mm:g} mm), compute_hausdorff_distance (95th percentile, mm); distances use the voxel spacing.",
+        f"- {EMPTY_MASK_POLICY}",
+        "- Not a medical device; not for clinical use.", "",
+    ]
+    lines += _table("Mean per structure", "structure", by_structure)
+    lines += _table("Mean per modality", "modality", _grouped(rows, "modality"))
+    lines += _table("Overall", "all", {"all structures": _summary(rows)} if rows else {})
+    if worst:
+        lines += ["## Worst cases (lowest mean Dice)", ""]
+        lines += [f"- {case}: mean Dice {_fmt(dice, 3)} - prediction `{pred}`, reference `{ref}`" for case, dice, pred, ref in worst]
+        lines.append("")
+    lines += ["Per case and structure: `report.csv`.", ""]
+    with atomic_write(md_path) as temporary:
+        Path(temporary).write_text("\n".join(lines))
+    return csv_path, md_path
