@@ -1,0 +1,293 @@
+"""The ``refsam3d`` command: segment, evaluate, train, info.
+
+User errors print one line (``refsam3d: error: ...``) and exit with status 2; ``--debug`` shows
+the traceback instead. Not for clinical use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .errors import Cancelled, RefSAM3DError
+
+SEGMENT_EPILOG = """examples:
+  refsam3d segment ct.nii.gz --prompt "perform liver segmentation" --output liver.nii.gz
+  refsam3d segment ct.nii.gz --prompt "liver, spleen, left kidney" --output ct.seg.nrrd --overlay ct.png
+  refsam3d segment dicom_folder/ --prompt aorta --output out/ --device cuda
+  refsam3d segment studies/*.nii.gz --prompt liver --prompt spleen --output results/
+
+Outputs: a label map (values 1..N in prompt order) + a JSON summary next to it, or a Slicer
+.seg.nrrd (segments may overlap). Not a medical device; not for clinical use.
+"""
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refsam3d", description="Text-prompted 3D segmentation of CT and MRI.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    seg = commands.add_parser(
+        "segment",
+        help="segment volumes from text prompts",
+        epilog=SEGMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    seg.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of volumes")
+    seg.add_argument("--prompt", "-p", action="append", required=True, help="text naming one or more structures")
+    seg.add_argument("--output", "-o", required=True, help="output file (.nii.gz, .seg.nrrd) or folder")
+    seg.add_argument("--format", choices=["nii.gz", "seg.nrrd"], default="nii.gz", help="file type when --output is a folder")
+    seg.add_argument("--overlay", help="PNG overlay file (single input) or folder (batch)")
+    seg.add_argument("--model", default=None, help="bundled model name or checkpoint folder (default: bundled)")
+    seg.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    seg.add_argument("--modality", choices=["CT", "MR"], help="input modality (default: guessed from intensities)")
+    seg.add_argument("--frame", type=int, help="frame to use from a 4D image")
+    seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
+    seg.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
+    seg.add_argument("--fill-holes", action="store_true", help="fill enclosed holes")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    seg.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <fraction> <message>' lines (for Slicer)")
+
+    evaluate = commands.add_parser("evaluate", help="Dice, NSD and HD95 of a model on labelled cases")
+    evaluate.add_argument("--model", default=None, help="bundled model name or checkpoint folder")
+    evaluate.add_argument("--data", required=True, help="folder of *_image/*_label pairs with labelmaps.json, or an MSD dataset.json")
+    evaluate.add_argument("--output", required=True, help="report folder")
+    evaluate.add_argument("--cases", nargs="*", help="only these case names")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+
+    train = commands.add_parser("train", help="train or fine-tune a model from a config file")
+    train.add_argument("--config", required=True, help="YAML or JSON training config")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    train.add_argument("--init", help="start from this model (few-shot fine-tuning)")
+    train.add_argument("--max-cases", type=int, help="use only this many training cases")
+    train.add_argument("--device", default="auto")
+
+    info = commands.add_parser("info", help="parameter counts of a model config")
+    info.add_argument("--config", default="small", help="config name (small, vit_b)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except Cancelled as error:
+        print(f"refsam3d: cancelled: {error}", file=sys.stderr)
+        return 130
+    except RefSAM3DError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"refsam3d: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("refsam3d: interrupted", file=sys.stderr)
+        return 130
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files stay; a folder of volumes is expanded; any other folder is taken as a DICOM series."""
+    paths: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        if not path.exists():
+            raise RefSAM3DError(f"Input not found: {path}. Check the path.")
+        if path.is_dir():
+            volumes = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+            paths.extend(volumes if volumes else [path])
+        else:
+            paths.append(path)
+    return paths
+
+
+def case_stem(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def output_paths(inputs: list[Path], output: str, file_format: str) -> list[Path]:
+    """One output file per input: ``output`` itself for one input with a file suffix, else a folder."""
+    target = Path(output)
+    if len(inputs) == 1 and target.name.lower().endswith(OUTPUT_SUFFIXES):
+        return [target]
+    if target.exists() and not target.is_dir():
+        raise RefSAM3DError(f"--output {target} is a file but several inputs were given: pass a folder.")
+    return [target / f"{case_stem(path)}.{file_format}" for path in inputs]
+
+
+def overlay_path(overlay: str | None, input_path: Path, n_inputs: int) -> Path | None:
+    if overlay is None:
+        return None
+    if n_inputs == 1 and overlay.lower().endswith(".png"):
+        return Path(overlay)
+    return Path(overlay) / f"{case_stem(input_path)}.png"
+
+
+class ProgressReporter:
+    """tqdm bar for people, or ``PROGRESS`` lines for the Slicer module reading our stdout."""
+
+    def __init__(self, machine_lines: bool, label: str):
+        self.machine_lines = machine_lines
+        self.bar = None
+        if not machine_lines:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc=label, unit="‰", leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.machine_lines:
+            print(f"PROGRESS {fraction:.4f} {message}", flush=True)
+        else:
+            self.bar.n = int(fraction * 1000)
+            self.bar.set_postfix_str(message, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_segment(args) -> int:
+    from . import io
+    from .checkpoint import load_model
+    from .inference import resolve_device, segment
+
+    inputs = expand_inputs(args.inputs)
+    outputs = output_paths(inputs, args.output, args.format)
+    for input_path, output_path in zip(inputs, outputs):
+        if output_path.resolve() == input_path.resolve():
+            raise RefSAM3DError(f"--output {output_path} is the input file; choose another name.")
+        if output_path.exists() and not args.overwrite:
+            raise RefSAM3DError(f"{output_path} exists; pass --overwrite to replace it or choose another --output.")
+    device = resolve_device(args.device)
+    if device.type == "cpu" and args.device == "auto" and not args.progress_lines:
+        print("refsam3d: no CUDA GPU found, running on the CPU", file=sys.stderr)
+    model = None  # loaded once, after the first input proved readable: bad input fails fast
+
+    failures: list[tuple[Path, str]] = []
+    summary: list[tuple[Path, Path, float]] = []
+
+    def fail(input_path: Path, error: Exception) -> None:
+        if len(inputs) == 1:
+            raise RefSAM3DError(str(error)) from error
+        failures.append((input_path, str(error)))
+        print(f"refsam3d: {input_path}: {error}", file=sys.stderr)
+
+    for input_path, output_path in zip(inputs, outputs):
+        try:
+            volume = io.read_volume(input_path, modality=args.modality, frame=args.frame)
+        except RefSAM3DError as error:
+            fail(input_path, error)
+            continue
+        if model is None:
+            model = load_model(args.model, device=str(device))  # a bad model stops the whole batch
+        reporter = ProgressReporter(args.progress_lines, input_path.name)
+        try:
+            result = segment(
+                volume,
+                args.prompt,
+                model=model,
+                device=str(device),
+                overlap=args.overlap,
+                largest_component=args.largest_component,
+                fill_holes=args.fill_holes,
+                progress=reporter,
+            )
+            write_outputs(result, output_path, overlay_path(args.overlay, input_path, len(inputs)), args.overwrite)
+        except (RefSAM3DError, OSError) as error:
+            if isinstance(error, Cancelled):
+                raise
+            fail(input_path, error)
+            continue
+        finally:
+            reporter.close()
+        for warning in result.warnings:
+            print(f"refsam3d: warning: {warning}", file=sys.stderr)
+        summary.append((input_path, output_path, result.elapsed_s))
+        print_volumes(result, output_path, quiet=args.progress_lines)
+        if args.progress_lines:
+            print(f"DONE {output_path}", flush=True)
+
+    if len(inputs) > 1:
+        print(f"\n{len(summary)} of {len(inputs)} volumes segmented, {len(failures)} failed.")
+        for path, message in failures:
+            print(f"  failed: {path}: {message}")
+    return 1 if failures else 0
+
+
+def write_outputs(result, output_path: Path, png: Path | None, overwrite: bool) -> None:
+    from . import io
+    from .overlay import write_overlay_png
+
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        if png is not None:
+            png.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RefSAM3DError(f"Cannot create the output folder for {output_path} ({error.strerror}); choose a writable --output.") from None
+    io.write_result(result, output_path, overwrite=overwrite)
+    if png is not None:
+        write_overlay_png(result, png, overwrite=overwrite)
+
+
+def print_volumes(result, output_path: Path, quiet: bool = False) -> None:
+    if quiet:
+        return
+    print(f"{result.reference.name or 'volume'} -> {output_path}  ({result.elapsed_s:.1f} s, model {result.model_name} {result.model_version})")
+    for segment in result.segments:
+        print(f"  {segment.name:<28} {result.volume_ml(segment):10.1f} mL   ('{segment.prompt}')")
+
+
+def run_info(args) -> int:
+    from .model.build import parameter_report
+
+    report = parameter_report(args.config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for component, counts in report.items():
+            if isinstance(counts, dict):
+                print(f"{component:<20} " + "  ".join(f"{key} {value:,}" for key, value in counts.items()))
+            else:
+                print(f"{component:<20} {counts}")
+    return 0
+
+
+def run_train(args) -> int:
+    from .training.loop import train
+
+    started = time.perf_counter()
+    output = train(args.config, resume=args.resume, init=args.init, max_cases=args.max_cases, device=args.device)
+    print(f"training finished in {time.perf_counter() - started:.0f} s: {output}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from .evaluation import evaluate_command
+
+    report = evaluate_command(
+        model=args.model,
+        data=args.data,
+        output_dir=args.output,
+        case_names=args.cases,
+        device=args.device,
+        tolerance_mm=args.tolerance_mm,
+    )
+    print(f"report written: {report}")
+    return 0
+
+
+COMMANDS = {"segment": run_segment, "info": run_info, "train": run_train, "evaluate": run_evaluate}
+
+if __name__ == "__main__":
+    sys.exit(main())

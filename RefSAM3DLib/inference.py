@@ -1,0 +1,240 @@
+"""The sliding-window inference engine: a Volume and text prompts in, a LabelResult out.
+
+The 3D version of SAM's "encode once, prompt many" contract:
+
+1. every prompt is parsed by the vocabulary and encoded once (text embeddings are cached);
+2. the volume is resampled once into model space (:mod:`RefSAM3DLib.preprocess`);
+3. MONAI's ``sliding_window_inference`` visits each window once; per window the image encoder
+   runs ONCE and every prompt is decoded from the shared features;
+4. each prompt's probability map goes back to the input grid on its own (one float32 volume at
+   full resolution at a time), is thresholded, optionally cleaned, and stored as uint8.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from . import preprocess
+from .errors import Cancelled, RefSAM3DError
+from .io import guess_modality
+from .result import LabelResult, Segment
+from .vocabulary import Prompt, parse_prompts
+from .volume import Volume
+
+ProgressCallback = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a fallback."""
+    name = (device or "auto").lower()
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise RefSAM3DError(f"Unknown device {device!r}: use one of auto, cpu, cuda (or cuda:N).")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RefSAM3DError(
+            "CUDA was requested but no CUDA GPU is usable by this PyTorch build; "
+            "use --device cpu (slower) or install a CUDA build of torch."
+        )
+    return torch.device(name)
+
+
+def expand_prompts(prompts: Sequence[str] | str) -> tuple[list[Prompt], list[str]]:
+    """Split every prompt text into structures; return them and the warnings for unknown text."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    parsed: list[Prompt] = []
+    for text in prompts:
+        parsed.extend(parse_prompts(text))
+    if not parsed:
+        raise RefSAM3DError("No prompt given: name at least one structure, e.g. --prompt liver.")
+    warnings = [
+        f"'{p.text}' is outside the trained vocabulary: the model is asked anyway, "
+        "but the result is likely to be poor."
+        for p in parsed
+        if p.structure is None
+    ]
+    return parsed, warnings
+
+
+def count_windows(shape_dhw: Sequence[int], window_size_vox: int, overlap: float) -> int:
+    """The number of windows MONAI's sliding window visits (same stride rule as MONAI)."""
+    stride = max(int(window_size_vox * (1.0 - overlap)), 1)
+    total = 1
+    for size in shape_dhw:
+        total *= 1 if size <= window_size_vox else math.ceil((size - window_size_vox) / stride) + 1
+    return total
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(volume: Volume, model_shape_dhw: Sequence[int], n_prompts: int) -> None:
+    """Refuse up front a run whose arrays cannot fit, with the estimate and what to do."""
+    model_voxels = int(np.prod(model_shape_dhw))
+    input_voxels = int(np.prod(volume.shape_kji))
+    # model-space image + blended probabilities and weights for every prompt (float32), then one
+    # full-resolution float32 map at a time plus the uint8 masks of all prompts.
+    estimate = model_voxels * 4 * (2 + 2 * n_prompts) + input_voxels * (8 + n_prompts)
+    available = available_memory_bytes()
+    if available is not None and estimate > available:
+        raise RefSAM3DError(
+            f"Not enough memory: this volume with {n_prompts} prompts needs about "
+            f"{estimate / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is free; "
+            "use fewer prompts per run or crop the volume."
+        )
+
+
+def windows_per_batch(device: torch.device, window_size_vox: int) -> int:
+    """How many windows to run at once: 1 on CPU, as many as free GPU memory allows on CUDA."""
+    if device.type != "cuda":
+        return 1
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    # ~2 KiB of activations per window voxel for the small and vit_b decoders, measured loosely;
+    # keep half of the free memory as head-room for the allocator and other processes.
+    per_window = window_size_vox**3 * 2048
+    return int(max(1, min(8, (free_bytes // 2) // per_window)))
+
+
+def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
+    """Optional clean-up of one binary mask ``(K, J, I)``, with MONAI's transforms."""
+    if not (largest_component or fill_holes) or not mask.any():
+        return mask
+    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+
+    tensor = torch.from_numpy(mask[None].astype(np.uint8))
+    if largest_component:
+        tensor = KeepLargestConnectedComponent(applied_labels=[1])(tensor)
+    if fill_holes:
+        tensor = FillHoles(applied_labels=[1])(tensor)
+    return np.asarray(tensor[0], dtype=np.uint8)
+
+
+def segment(
+    volume: Volume,
+    prompts: Sequence[str] | str,
+    model=None,
+    device: str = "auto",
+    overlap: float = 0.25,
+    threshold: float = 0.5,
+    largest_component: bool = False,
+    fill_holes: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> LabelResult:
+    """Segment every structure named in ``prompts`` in ``volume``.
+
+    Args:
+        volume: the input image (any orientation and spacing).
+        prompts: free text; each string may name several structures ("liver, spleen").
+        model: a loaded ``RefSAM3D`` model, a model name/folder, or ``None`` for the bundled default.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        overlap: fraction of a window shared with its neighbours (0 <= overlap < 1).
+        threshold: probability above which a voxel belongs to the structure.
+        largest_component, fill_holes: optional clean-up of each structure.
+        progress: called with (fraction in [0, 1], message).
+        cancel: polled once per window; when it returns True the run stops with ``Cancelled``.
+
+    Returns:
+        a LabelResult with one uint8 mask ``(K, J, I)`` per structure, on ``volume``'s own grid.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda fraction, message: None)
+    if not 0.0 <= overlap < 1.0:
+        raise RefSAM3DError(f"Window overlap must be in [0, 1), got {overlap}.")
+    parsed, warnings = expand_prompts(prompts)
+    torch_device = resolve_device(device)
+    model = _as_model(model, torch_device)
+    config = model.config
+
+    modality = volume.modality or guess_modality(volume.array) or "MR"
+    if volume.modality is None:
+        warnings.append(f"Modality not given; treated as {modality} from its intensities (pass --modality to choose).")
+
+    report(0.0, "Preparing the volume")
+    intensity = preprocess.IntensitySettings.from_config(config, modality)
+    image_dhw, grid = preprocess.to_model_space(volume, config.spacing_mm, intensity)
+    check_memory(volume, image_dhw.shape, len(parsed))
+
+    texts = [p.text for p in parsed]
+    with torch.no_grad():
+        prompt_embeddings = model.encode_prompts(texts)
+
+    window = int(config.window_size_vox)
+    total_windows = count_windows(image_dhw.shape, window, overlap)
+    done = [0]
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        """(n, 1, w, w, w) image windows -> (n, P, w, w, w) probabilities, one encoder pass."""
+        if cancel is not None and cancel():
+            raise Cancelled("Segmentation cancelled; nothing was written.")
+        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
+            features = model.encode_image(windows)
+            logits = model.decode(windows, features, prompt_embeddings)
+        done[0] += windows.shape[0]
+        report(0.05 + 0.85 * done[0] / total_windows, f"Window {done[0]}/{total_windows}")
+        return torch.sigmoid(logits.float())
+
+    inputs = torch.from_numpy(np.ascontiguousarray(image_dhw, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        probabilities = sliding_window_inference(
+            inputs,
+            roi_size=(window, window, window),
+            sw_batch_size=windows_per_batch(torch_device, window),
+            predictor=predict,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=torch_device,
+            device=torch.device("cpu"),
+        )[0]
+    del inputs
+
+    segments = []
+    for index, prompt in enumerate(parsed):
+        if cancel is not None and cancel():
+            raise Cancelled("Segmentation cancelled; nothing was written.")
+        report(0.9 + 0.1 * index / len(parsed), f"Resampling '{prompt.text}' to the input grid")
+        on_input = preprocess.from_model_space(probabilities[index].numpy(), grid, interpolation="linear")
+        mask = (on_input >= threshold).astype(np.uint8)
+        del on_input
+        segments.append(Segment(prompt.text, prompt.structure, postprocess_mask(mask, largest_component, fill_holes)))
+    report(1.0, "Done")
+    return LabelResult(
+        reference=volume,
+        segments=segments,
+        model_name=model_name(model),
+        model_version=model_version(model),
+        elapsed_s=time.perf_counter() - started,
+        warnings=warnings,
+    )
+
+
+def model_name(model) -> str:
+    """What every output names as its maker: the checkpoint's name, or the untrained config."""
+    return model.metadata.get("name") or f"refsam3d-{model.config.name}-untrained"
+
+
+def model_version(model) -> str:
+    return str(model.metadata.get("version") or "untrained")
+
+
+def _as_model(model, device: torch.device):
+    if model is None or isinstance(model, (str, os.PathLike)):
+        from .checkpoint import load_model
+
+        model = load_model(model, device=str(device))
+    return model.to(device).eval()

@@ -1,0 +1,159 @@
+"""The ``refsam3d`` command: outputs, batch behaviour, and one clear line for each kind of bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from RefSAM3DLib.checkpoint import save_checkpoint
+from RefSAM3DLib.cli import main
+from RefSAM3DLib.model.build import build_model
+
+SAMPLES = Path(__file__).resolve().parents[1] / "RefSAM3DLib" / "samples"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained small model saved as a checkpoint folder (fast to load, no bundled weights needed)."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("model") / "untrained-small"
+    save_checkpoint(build_model("small"), directory, {"name": "untrained-small", "version": "test"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def small_ct(tmp_path_factory):
+    """A small real CT: the bundled sample cropped to 40 slices (keeps the test fast)."""
+    image = sitk.ReadImage(str(SAMPLES / "ts_example_ct_image.nii.gz"))
+    path = tmp_path_factory.mktemp("ct") / "crop.nii.gz"
+    sitk.WriteImage(image[20:100, 10:90, 40:80], str(path))
+    return path
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_segment_writes_labelmap_json_and_overlay(model_dir, small_ct, tmp_path, capsys):
+    output = tmp_path / "out.nii.gz"
+    overlay = tmp_path / "out.png"
+    code, out, err = run(
+        ["segment", str(small_ct), "-p", "liver, spleen", "--model", str(model_dir), "-o", str(output), "--overlay", str(overlay)],
+        capsys,
+    )
+    assert code == 0, err
+    written = sitk.ReadImage(str(output))
+    source = sitk.ReadImage(str(small_ct))
+    assert written.GetSize() == source.GetSize()
+    np.testing.assert_allclose(written.GetDirection(), source.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)
+    summary = json.loads(output.with_name("out.json").read_text())
+    assert "untrained-small" in json.dumps(summary)
+    assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Liver" in out and "Spleen" in out
+
+
+def test_refuses_to_overwrite_without_flag(model_dir, small_ct, tmp_path, capsys):
+    output = tmp_path / "exists.nii.gz"
+    output.write_bytes(b"keep me")
+    code, _, err = run(["segment", str(small_ct), "-p", "liver", "--model", str(model_dir), "-o", str(output)], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert output.read_bytes() == b"keep me"
+
+
+def test_batch_reports_one_failure_and_processes_the_rest(model_dir, small_ct, tmp_path, capsys):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "a.nii.gz").write_bytes(small_ct.read_bytes())
+    (folder / "broken.nii.gz").write_text("not an image")
+    code, out, err = run(["segment", str(folder), "-p", "liver", "--model", str(model_dir), "-o", str(tmp_path / "results")], capsys)
+    assert code == 1
+    assert (tmp_path / "results" / "a.nii.gz").exists()
+    assert not (tmp_path / "results" / "broken.nii.gz").exists()
+    assert "1 of 2 volumes segmented, 1 failed" in out
+    assert "broken.nii.gz" in err
+
+
+def write_nifti(path, array, spacing=(1.0, 1.0, 1.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+BAD_INPUTS = {
+    "missing file": lambda d: d / "nope.nii.gz",
+    "text file named .nii.gz": lambda d: (d / "t.nii.gz").write_text("hello") and d / "t.nii.gz",
+    "truncated file": lambda d: (d / "cut.nii.gz").write_bytes((SAMPLES / "ct3slice_image.nii.gz").read_bytes()[:5000]) and d / "cut.nii.gz",
+    "2D image": lambda d: write_nifti(d / "flat.nii.gz", np.zeros((20, 20), np.int16)),
+    "4D image without --frame": lambda d: write_4d(d / "four.nii.gz"),
+    "NaN voxels": lambda d: write_nifti(d / "nan.mha", np.full((8, 8, 8), np.nan, np.float32)),
+    "empty DICOM folder": lambda d: (d / "empty_dicom").mkdir() or d / "empty_dicom",
+}
+
+
+def kind_word(kind):
+    """A word the error message must contain, so that it names the problem."""
+    return {"missing file": "not found", "text file named .nii.gz": "t.nii.gz", "truncated file": "cut.nii.gz",
+            "2D image": "2d", "4D image without --frame": "frame", "NaN voxels": "nan",
+            "empty DICOM folder": "dicom"}[kind]
+
+
+def write_4d(path):
+    image = sitk.JoinSeries([sitk.Image(8, 8, 8, sitk.sitkInt16)] * 2)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_clear_line(kind, model_dir, tmp_path, capsys):
+    path = BAD_INPUTS[kind](tmp_path)
+    output = tmp_path / "out.nii.gz"
+    code, _, err = run(["segment", str(path), "-p", "liver", "--model", str(model_dir), "-o", str(output)], capsys)
+    assert code == 2
+    errors = [line for line in err.splitlines() if "refsam3d: error:" in line]
+    assert len(errors) == 1 and kind_word(kind) in errors[0].lower(), err
+    assert "Traceback" not in err
+    assert not output.exists()
+
+
+def test_empty_prompt_unknown_device_and_missing_model(model_dir, small_ct, tmp_path, capsys):
+    cases = [
+        (["-p", "  "], "prompt"),
+        (["-p", "liver", "--device", "tpu"], "device"),
+        (["-p", "liver", "--model", str(tmp_path / "no_model")], "model"),
+    ]
+    for extra, word in cases:
+        args = ["segment", str(small_ct), "-o", str(tmp_path / "x.nii.gz")]
+        if "--model" not in extra:
+            extra = extra + ["--model", str(model_dir)]
+        code, _, err = run(args + extra, capsys)
+        assert code == 2 and word in err.lower(), err
+
+
+def test_output_folder_that_cannot_be_created(model_dir, small_ct, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the output folder should be")
+    output = blocker / "sub" / "o.nii.gz"
+    code, _, err = run(["segment", str(small_ct), "-p", "liver", "--model", str(model_dir), "-o", str(output)], capsys)
+    assert code == 2 and "refsam3d: error:" in err and "Traceback" not in err
+    assert blocker.read_text().startswith("a file")
+
+
+def test_help_shows_examples():
+    completed = subprocess.run([sys.executable, "-m", "RefSAM3DLib.cli", "segment", "--help"], capture_output=True, text=True)
+    assert completed.returncode == 0 and "examples:" in completed.stdout
+
+
+def test_info_json_reports_parameter_counts(capsys):
+    code, out, _ = run(["info", "--config", "small", "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["total"]["total"] > 0 if isinstance(report.get("total"), dict) else report

@@ -1,0 +1,115 @@
+"""The sliding-window engine: one encoder pass per window for all prompts, grid fidelity, cancel."""
+
+import numpy as np
+import pytest
+import torch
+
+from RefSAM3DLib.errors import Cancelled, RefSAM3DError
+from RefSAM3DLib.inference import count_windows, resolve_device, segment
+from RefSAM3DLib.model.build import build_model
+from RefSAM3DLib.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def untrained_small():
+    torch.manual_seed(0)
+    return build_model("small").eval()
+
+
+def oblique_ct(shape_kji=(40, 50, 60)):
+    """A CT-like volume with an oblique, flipped, anisotropic IJK-to-RAS matrix and a bright blob."""
+    rng = np.random.default_rng(1)
+    array = rng.normal(-800, 20, shape_kji).astype(np.int16)
+    array[10:30, 15:35, 20:45] = 60
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation @ np.diag([-1.5, 1.2, 3.0])
+    ijk_to_ras[:3, 3] = [100.0, -50.0, 20.0]
+    return Volume(array, ijk_to_ras, modality="CT", name="oblique")
+
+
+def count_image_encoder_calls(model):
+    calls = []
+    handle = model.image_encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    return calls, handle
+
+
+def test_image_encoder_runs_once_per_window_for_all_prompts(untrained_small):
+    volume = oblique_ct()
+    calls, handle = count_image_encoder_calls(untrained_small)
+    try:
+        result = segment(volume, ["liver", "spleen", "left kidney", "aorta"], model=untrained_small, device="cpu")
+    finally:
+        handle.remove()
+    assert len(result.segments) == 4
+    assert sum(calls) == count_windows(_model_shape(volume, untrained_small), untrained_small.config.window_size_vox, 0.25)
+
+
+def _model_shape(volume, model):
+    from RefSAM3DLib import preprocess
+
+    return preprocess.model_grid(volume, model.config.spacing_mm).shape_dhw
+
+
+def test_masks_lie_on_the_input_grid_of_an_oblique_volume(untrained_small):
+    volume = oblique_ct()
+    result = segment(volume, "liver, spleen", model=untrained_small, device="cpu")
+    assert [s.structure.key for s in result.segments] == ["liver", "spleen"]
+    for seg in result.segments:
+        assert seg.mask.shape == volume.shape_kji
+        assert seg.mask.dtype == np.uint8
+        assert set(np.unique(seg.mask)) <= {0, 1}
+    assert result.reference is volume
+
+
+def test_progress_is_monotonic_and_ends_at_one(untrained_small):
+    fractions = []
+    segment(oblique_ct(), ["liver"], model=untrained_small, device="cpu", progress=lambda f, m: fractions.append(f))
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+
+
+def test_cancel_stops_within_one_window(untrained_small):
+    calls, handle = count_image_encoder_calls(untrained_small)
+    polls = []
+
+    def cancel():
+        polls.append(1)
+        return len(polls) > 1
+
+    try:
+        with pytest.raises(Cancelled):
+            segment(oblique_ct((80, 80, 80)), ["liver"], model=untrained_small, device="cpu", cancel=cancel)
+    finally:
+        handle.remove()
+    assert sum(calls) == 1
+
+
+def test_unknown_text_is_still_segmented_with_a_warning(untrained_small):
+    result = segment(oblique_ct(), ["the flux capacitor"], model=untrained_small, device="cpu")
+    assert result.segments[0].structure is None
+    assert any("outside the trained vocabulary" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n"])
+def test_empty_prompt_is_an_error(untrained_small, prompt):
+    with pytest.raises(RefSAM3DError):
+        segment(oblique_ct(), [prompt], model=untrained_small, device="cpu")
+
+
+def test_unknown_device_is_an_error():
+    with pytest.raises(RefSAM3DError, match="Unknown device"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without CUDA")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(RefSAM3DError, match="--device cpu"):
+        resolve_device("cuda")
+
+
+def test_volume_smaller_than_one_window_is_padded(untrained_small):
+    tiny = Volume(np.full((3, 20, 20), 40, np.int16), np.diag([2.0, 2.0, 2.0, 1.0]), modality="CT")
+    result = segment(tiny, ["liver"], model=untrained_small, device="cpu")
+    assert result.segments[0].mask.shape == (3, 20, 20)
