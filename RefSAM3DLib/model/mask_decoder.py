@@ -1,0 +1,146 @@
+"""3D mask decoder (paper section 3.4), split into a shared and a per-prompt part.
+
+Cost rule: P prompts must cost little more than one per window. So everything at full
+resolution that does not need the prompt is computed ONCE per window (``PixelDecoder``):
+
+* U-shaped aggregation: the neck embedding (stage 4) is up-sampled by log2(patch_size)
+  progressive 2x transposed 3D convolutions (4 for patch 16 as in the paper, 3 for patch 8).
+  Before up-sampling step l (l = 0, 1, 2) the stage-(3-l) features, projected by a 1x1x1 conv
+  and trilinearly resized to that step's input, are added: deeper stages join at coarser
+  levels, as in a U-Net. No stage joins at full resolution, where token-resolution features
+  would add cost but no detail (the detail comes from the image fusion below);
+* the image half of the final fusion convolution (3x3x3 over the input image).
+
+Prompts enter cheaply (``MaskDecoder3D``), at token resolution:
+
+* the dense cross-modal prompt embedding (hierarchical cross-attention) is added to the neck
+  embedding, as SAM adds its dense prompt embedding;
+* SAM's ``TwoWayTransformer`` runs over the 3D tokens (with a 3D positional encoding) and the
+  sparse tokens [mask token, projected sentence embedding, optional points/boxes];
+* a hypernetwork MLP turns the mask token into a vector that is dotted with the shared
+  full-resolution features (SAM's mask-decoder scheme) -> a coarse mask logit per prompt;
+* the light per-prompt fusion with the image: the paper concatenates [mask logit, image] and
+  applies a 3D convolution. That convolution is linear in its input channels, so it is computed
+  as (3x3x3 conv of the image, shared) + (1x1x1 conv of the mask logit, per prompt), followed by
+  GELU and a 1x1x1 conv to one logit added to the coarse logit. The mask channel's kernel is
+  pointwise to keep the per-prompt cost at a few FLOPs per voxel.
+
+Unlike SAM, the up-sampled features do not come from the transformer's updated image tokens
+(those are per prompt); the transformer informs the mask only through the mask token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from segment_anything.modeling.mask_decoder import MLP
+from segment_anything.modeling.transformer import TwoWayTransformer
+
+from .image_encoder import LayerNorm3d
+
+
+class PixelDecoder(nn.Module):
+    """Prompt-independent full-resolution features, computed once per window.
+
+    Args:
+        neck_dim: channels of the neck embedding.
+        stage_dim: channels of the stage features.
+        upsample_channels: channels after each 2x step (log2(patch_size) entries).
+        fusion_channels: channels of the final image/mask fusion.
+    """
+
+    def __init__(self, neck_dim: int, stage_dim: int, upsample_channels: tuple[int, ...], fusion_channels: int) -> None:
+        super().__init__()
+        steps = len(upsample_channels)
+        channels_in = (neck_dim,) + tuple(upsample_channels[:-1])
+        self.up = nn.ModuleList(
+            nn.Sequential(
+                nn.ConvTranspose3d(c_in, c_out, kernel_size=2, stride=2),
+                LayerNorm3d(c_out) if l < steps - 1 else nn.Identity(),
+                nn.GELU(),
+            )
+            for l, (c_in, c_out) in enumerate(zip(channels_in, upsample_channels))
+        )
+        # Up-sampling step l takes stage index 2 - l (stage 3, then 2, then 1) at its input.
+        self.skips = nn.ModuleList(nn.Conv3d(stage_dim, c, kernel_size=1) for c in channels_in[: min(3, steps)])
+        self.image_conv = nn.Conv3d(1, fusion_channels, kernel_size=3, padding=1)
+
+    def forward(self, embedding: torch.Tensor, stages: list[torch.Tensor], image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            embedding: (B, neck_dim, d, h, w) neck output.
+            stages: 4 x (B, d, h, w, stage_dim) adapted stage features.
+            image: (B, 1, D, H, W) model input.
+
+        Returns:
+            pixel features (B, upsample_channels[-1], D, H, W) and image fusion term (B, F, D, H, W).
+        """
+        x = embedding
+        for l, up in enumerate(self.up):
+            if l < len(self.skips):
+                skip = self.skips[l](stages[2 - l].permute(0, 4, 1, 2, 3))
+                if skip.shape[2:] != x.shape[2:]:
+                    skip = F.interpolate(skip, size=x.shape[2:], mode="trilinear", align_corners=False)
+                x = x + skip
+            x = up(x)
+        return x, self.image_conv(image)
+
+
+class MaskDecoder3D(nn.Module):
+    """Per-prompt decoding at token resolution, then a cheap full-resolution read-out.
+
+    Args:
+        dim: transformer width C (= neck_dim).
+        depth: TwoWayTransformer layers.
+        num_heads: TwoWayTransformer heads.
+        mlp_dim: TwoWayTransformer MLP width.
+        pixel_dim: channels of the shared full-resolution features.
+        fusion_channels: channels of the final image/mask fusion.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int) -> None:
+        super().__init__()
+        self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
+        self.mask_token = nn.Embedding(1, dim)
+        self.hypernetwork = MLP(dim, dim, pixel_dim, num_layers=3)
+        self.mask_conv = nn.Conv3d(1, fusion_channels, kernel_size=1)
+        self.out_conv = nn.Conv3d(fusion_channels, 1, kernel_size=1)
+
+    def forward(
+        self,
+        embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        dense: torch.Tensor,
+        sparse: torch.Tensor,
+        pixel_features: torch.Tensor,
+        image_term: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            embedding: (B, C, d, h, w) neck embedding.
+            image_pe: (C, d, h, w) positional encoding of the token grid.
+            dense: (B, P, d*h*w, C) cross-modal prompt embeddings.
+            sparse: (P, T, C) sparse prompt tokens.
+            pixel_features: (B, C_pix, D, H, W) shared up-sampled features.
+            image_term: (B, F, D, H, W) shared image half of the fusion convolution.
+
+        Returns:
+            (B, P, D, H, W) mask logits.
+        """
+        b, c = embedding.shape[:2]
+        p = sparse.shape[0]
+        src = embedding.flatten(2).transpose(1, 2)[:, None] + dense  # (B, P, N, C)
+        src = src.reshape(b * p, -1, c).transpose(1, 2)[..., None]  # (B*P, C, N, 1)
+        pos = image_pe.flatten(1)[None, :, :, None].expand(b * p, -1, -1, -1)
+        tokens = torch.cat([self.mask_token.weight.expand(p, -1, -1), sparse], dim=1)
+        tokens = tokens[None].expand(b, -1, -1, -1).reshape(b * p, -1, c)
+        hs, _ = self.transformer(src, pos, tokens)
+        hyper = self.hypernetwork(hs[:, 0]).reshape(b, p, -1)
+        coarse = torch.einsum("bpc,bcdhw->bpdhw", hyper, pixel_features)
+        # One prompt at a time at full resolution keeps peak memory independent of P.
+        fine = [
+            coarse[:, i] + self.out_conv(F.gelu(image_term + self.mask_conv(coarse[:, i : i + 1])))[:, 0]
+            for i in range(p)
+        ]
+        return torch.stack(fine, dim=1)

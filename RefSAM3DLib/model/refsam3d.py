@@ -1,0 +1,166 @@
+"""The assembled RefSAM3D network (paper Fig. 1): encode the window once, decode P text prompts.
+
+    features = model.encode_image(image)            # image (B, 1, D, H, W) in [0, 1], D = H = W = window
+    prompts = model.encode_prompts(["liver", ...])   # P prompts
+    logits = model.decode(image, features, prompts)  # (B, P, D, H, W) mask logits
+
+``encode_image`` runs the ViT, the neck and every prompt-independent part of the decoder (the
+up-sampling path and the image half of the final fusion) once; ``decode`` only adds the
+per-prompt work at token resolution plus a few FLOPs per voxel per prompt.
+
+Trainable parameters: with a SAM-initialised image encoder (``vit_b``) only the PETL parts of
+the encoder train (adapters, depth-wise patch conv, depth position and relative-position
+tables, neck) plus the prompt fusion and decoder; in configs trained from scratch
+(``small``) every image-side weight trains. The text encoder is always frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import RefSAM3DError
+from .build import ModelConfig
+from .image_encoder import ImageEncoderViT3D
+from .mask_decoder import MaskDecoder3D, PixelDecoder
+from .prompt_encoder import PositionEmbeddingRandom3D, SpatialPromptEncoder
+from .prompt_fusion import CrossModalProjector, HierarchicalCrossAttention
+from .text_encoder import TextEncoder, build_text_encoder
+
+
+@dataclass
+class ImageFeatures:
+    """Everything prompt-independent about one batch of windows.
+
+    Attributes:
+        embedding: (B, C, d, h, w) neck embedding.
+        stage_queries: (4, B, heads, d*h*w, head_dim) image half of the hierarchical cross-attention.
+        pixel_features: (B, C_pix, D, H, W) shared up-sampled features (U-shaped aggregation).
+        image_term: (B, F, D, H, W) image half of the final fusion convolution.
+    """
+
+    embedding: torch.Tensor
+    stage_queries: torch.Tensor
+    pixel_features: torch.Tensor
+    image_term: torch.Tensor
+
+
+@dataclass
+class PromptEmbeddings:
+    """P text prompts projected into the decoder space (Eq. III).
+
+    Attributes:
+        texts: the P prompt texts.
+        tokens: (P, L, C) projected word embeddings.
+        mask: (P, L) bool, True for real tokens.
+        sentence: (P, C) projected sentence embedding (a sparse token for the decoder).
+    """
+
+    texts: list[str]
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    sentence: torch.Tensor
+
+
+class RefSAM3D(nn.Module):
+    """Text-prompted 3D segmentation network.
+
+    Args:
+        config: the ModelConfig (see ``build.CONFIGS``).
+        text_encoder: a ready frozen TextEncoder; None builds the config's default.
+    """
+
+    def __init__(self, config: ModelConfig, text_encoder: TextEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        # name -> SHA-256 of base-weight files loaded into this model (recorded in checkpoints).
+        self.base_weights: dict[str, str] = {}
+        # Facts from the checkpoint this model was loaded from (name, version, structures, ...).
+        self.metadata: dict = {}
+        c = config.neck_dim
+        self.image_encoder = ImageEncoderViT3D(
+            grid_tok=config.grid_tok, patch_size=config.patch_size, embed_dim=config.embed_dim,
+            depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+            attn_window_tok=config.attn_window_tok, global_attn_indexes=config.global_attn_indexes,
+            stage_indexes=config.stage_indexes, adapter_dim=config.adapter_dim, neck_dim=c,
+        )
+        self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(config)
+        if self.text_encoder.dim != config.text_dim:
+            raise RefSAM3DError(
+                f"Text encoder width {self.text_encoder.dim} does not match config text_dim {config.text_dim}."
+            )
+        self.text_encoder.requires_grad_(False)
+        self.projector = CrossModalProjector(config.text_dim, c)
+        self.cross_attention = HierarchicalCrossAttention(config.embed_dim, c, config.decoder_heads)
+        self.pe = PositionEmbeddingRandom3D(c // 2)
+        self.spatial_prompts = SpatialPromptEncoder(c, self.pe)
+        self.pixel_decoder = PixelDecoder(c, config.embed_dim, config.upsample_channels, config.fusion_channels)
+        self.mask_decoder = MaskDecoder3D(
+            c, config.decoder_depth, config.decoder_heads, config.decoder_mlp_dim,
+            config.upsample_channels[-1], config.fusion_channels,
+        )
+        if config.pretrained_image_encoder:
+            petl = self.image_encoder.petl_parameter_names()
+            for name, param in self.image_encoder.named_parameters():
+                param.requires_grad_(name in petl)
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        s = self.config.window_size_vox
+        if image.ndim != 5 or image.shape[1] != 1 or tuple(image.shape[2:]) != (s, s, s):
+            raise RefSAM3DError(
+                f"Model input must have shape (B, 1, {s}, {s}, {s}) for config {self.config.name!r}, "
+                f"got {tuple(image.shape)}; use the sliding-window engine for other sizes."
+            )
+
+    def encode_image(self, image: torch.Tensor) -> ImageFeatures:
+        """ONE image-encoder pass and all prompt-independent decoder work. image: (B, 1, D, H, W)."""
+        self._check_image(image)
+        embedding, stages = self.image_encoder(image)
+        pixel_features, image_term = self.pixel_decoder(embedding, stages, image)
+        return ImageFeatures(embedding, self.cross_attention.stage_queries(stages), pixel_features, image_term)
+
+    def encode_prompts(self, texts: list[str]) -> PromptEmbeddings:
+        """Frozen text encoding (cached by text) + trainable projection of P prompts."""
+        text = self.text_encoder(list(texts))
+        return PromptEmbeddings(list(texts), self.projector(text.tokens), text.mask, self.projector(text.pooled))
+
+    def decode(
+        self,
+        image: torch.Tensor,
+        features: ImageFeatures,
+        prompts: PromptEmbeddings,
+        points_dhw: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes_dhw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mask logits (B, P, D, H, W) for P prompts from one ``encode_image`` result.
+
+        Args:
+            image: (B, 1, D, H, W) the encoded window (kept for the contract; its features are in
+                ``features.image_term``).
+            features: from ``encode_image``.
+            prompts: from ``encode_prompts``.
+            points_dhw: optional (P, N, 3) voxel coordinates of clicks, with point_labels (P, N)
+                1 positive / 0 negative / -1 padding.
+            boxes_dhw: optional (P, 6) boxes (d0, h0, w0, d1, h1, w1) in voxels.
+        """
+        self._check_image(image)
+        grid = tuple(features.embedding.shape[2:])
+        dense = self.cross_attention(features.stage_queries, prompts.tokens, prompts.mask)
+        sparse = prompts.sentence[:, None]
+        spatial = self.spatial_prompts(tuple(image.shape[2:]), points_dhw, point_labels, boxes_dhw)
+        if spatial is not None:
+            sparse = torch.cat([sparse, spatial], dim=1)
+        return self.mask_decoder(
+            features.embedding, self.pe.grid(grid), dense, sparse, features.pixel_features, features.image_term
+        )
+
+    def forward(self, image: torch.Tensor, texts: list[str], **spatial) -> torch.Tensor:
+        """``decode(image, encode_image(image), encode_prompts(texts))``: (B, P, D, H, W) logits."""
+        return self.decode(image, self.encode_image(image), self.encode_prompts(texts), **spatial)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that training changes (what a RefSAM3D checkpoint stores)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}

@@ -1,0 +1,150 @@
+"""The RefSAM3D network: shapes, one encoder pass for P prompts, PETL training, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from RefSAM3DLib.checkpoint import build_untrained
+from RefSAM3DLib.errors import RefSAM3DError
+from RefSAM3DLib.model import CONFIGS, build_model, parameter_report
+
+torch.set_num_threads(1)
+PROMPTS = ["liver", "spleen", "left kidney"]
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return build_model("small").eval()
+
+
+@pytest.fixture(scope="module")
+def small_window():
+    torch.manual_seed(1)
+    size = CONFIGS["small"].window_size_vox
+    return torch.rand(1, 1, size, size, size)
+
+
+@pytest.fixture(scope="module")
+def small_outputs(small_model, small_window):
+    """Logits of PROMPTS from one forward call, counting image-encoder passes."""
+    calls = []
+    handle = small_model.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        logits = small_model(small_window, PROMPTS)
+    handle.remove()
+    return logits, len(calls)
+
+
+@pytest.fixture()
+def tiny_model(tiny_sam_config, tiny_sam_files):
+    sam_path, clip_path, _ = tiny_sam_files
+    torch.manual_seed(2)
+    return build_untrained(tiny_sam_config, sam_checkpoint=sam_path, clip_checkpoint=clip_path)
+
+
+def test_small_config_gives_one_mask_per_prompt_from_one_encoder_pass(small_outputs):
+    logits, encoder_passes = small_outputs
+    size = CONFIGS["small"].window_size_vox
+    assert logits.shape == (1, len(PROMPTS), size, size, size)
+    assert encoder_passes == 1
+    assert torch.isfinite(logits).all()
+
+
+def test_decoding_prompts_together_equals_decoding_each_alone(small_model, small_window, small_outputs):
+    logits, _ = small_outputs
+    with torch.no_grad():
+        features = small_model.encode_image(small_window)
+        for i, text in enumerate(PROMPTS):
+            alone = small_model.decode(small_window, features, small_model.encode_prompts([text]))
+            torch.testing.assert_close(alone[:, 0], logits[:, i], atol=1e-4, rtol=1e-4)
+
+
+def test_different_prompts_give_different_masks(small_outputs):
+    logits, _ = small_outputs
+    for i in range(len(PROMPTS)):
+        for j in range(i + 1, len(PROMPTS)):
+            assert (logits[0, i] - logits[0, j]).abs().max() > 1e-3
+
+
+def test_eval_mode_is_deterministic(small_model, small_window, small_outputs):
+    with torch.no_grad():
+        again = small_model(small_window, PROMPTS)
+    assert torch.equal(again, small_outputs[0])
+
+
+def test_text_encoder_is_frozen_and_caches_by_text(small_model):
+    encoder = small_model.text_encoder
+    assert not any(p.requires_grad for p in encoder.parameters())
+    first = encoder(["spleen", "liver"])
+    second = encoder(["liver"])
+    assert first.tokens.shape[-1] == CONFIGS["small"].text_dim == first.pooled.shape[-1]
+    assert "liver" in encoder._cache and "spleen" in encoder._cache
+    length = int(second.mask[0].sum())
+    torch.testing.assert_close(second.tokens[0, :length], first.tokens[1, :length])
+    assert not first.pooled.requires_grad
+
+
+def test_wrong_window_size_is_a_user_error(small_model):
+    with pytest.raises(RefSAM3DError, match="shape"):
+        small_model.encode_image(torch.rand(1, 1, 32, 32, 32))
+
+
+def test_empty_prompt_is_a_user_error(small_model):
+    with pytest.raises(RefSAM3DError, match="non-empty"):
+        small_model.encode_prompts(["liver", "  "])
+
+
+def test_small_config_fits_the_bundled_model_budget():
+    report = parameter_report("small")
+    assert report["total"]["trainable"] <= 6_000_000  # fp32 safetensors <= 25 MB
+    assert report["components"]["text_encoder"]["trainable"] == 0
+    assert report["components"]["image_encoder"]["frozen"] == 0  # trained from scratch
+
+
+def test_vit_b_trains_a_small_fraction_of_the_sam_image_encoder():
+    with torch.device("meta"):  # counts only: no memory, no weights
+        model = build_model("vit_b")
+    encoder = model.image_encoder
+    total = sum(p.numel() for p in encoder.parameters())
+    trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    print(f"vit_b image encoder: {trainable:,} of {total:,} parameters train ({trainable / total:.1%})")
+    assert 80_000_000 < total < 100_000_000  # SAM ViT-B plus PETL
+    assert trainable / total < 0.06
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+
+
+def test_tiny_sam_config_shapes_for_batch_of_two_with_points_and_boxes(tiny_model, tiny_sam_config):
+    size = tiny_sam_config.window_size_vox
+    image = torch.rand(2, 1, size, size, size)
+    points = torch.tensor([[[4, 5, 6], [10, 10, 10]], [[20, 3, 3], [0, 0, 0]]])
+    labels = torch.tensor([[1, 0], [1, -1]])
+    boxes = torch.tensor([[2, 2, 2, 12, 12, 12], [0, 4, 4, 31, 20, 20]])
+    tiny_model.eval()
+    with torch.no_grad():
+        plain = tiny_model(image, ["liver", "aorta"])
+        clicked = tiny_model(image, ["liver", "aorta"], points_dhw=points, point_labels=labels, boxes_dhw=boxes)
+    assert plain.shape == clicked.shape == (2, 2, size, size, size)
+    assert (plain - clicked).abs().max() > 1e-4
+
+
+def test_only_petl_parameters_receive_gradients(tiny_model, tiny_sam_config):
+    size = tiny_sam_config.window_size_vox
+    tiny_model.train()
+    logits = tiny_model(torch.rand(1, 1, size, size, size), ["liver", "spleen"])
+    (logits.sigmoid().mean() + logits.mean()).backward()
+    petl = {"image_encoder." + n for n in tiny_model.image_encoder.petl_parameter_names()}
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in tiny_model.named_parameters() if p.grad is not None}
+    encoder_trainable = {n for n in trainable if n.startswith("image_encoder.")}
+    assert encoder_trainable == petl
+    assert with_grad <= trainable
+    assert not any(n.startswith("text_encoder.") for n in with_grad)
+    # Frozen SAM weights exist and get no gradient.
+    assert "image_encoder.blocks.0.attn.qkv.weight" not in with_grad
+    assert "image_encoder.blocks.0.adapter.up.weight" in with_grad
+    total = sum(p.numel() for p in tiny_model.image_encoder.parameters())
+    fraction = sum(p.numel() for p in tiny_model.image_encoder.parameters() if p.requires_grad) / total
+    print(f"tiny SAM image encoder trainable fraction: {fraction:.1%}")
+    assert 0 < fraction < 1
