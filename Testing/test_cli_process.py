@@ -1,0 +1,161 @@
+"""The child-process runner behind the Slicer module: streamed progress, cancel of the whole tree,
+one-line errors, temporary files gone in every outcome."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from RefSAM3DLib.cli_process import ChildProcess, SegmentationJob, library_environment, parse_line, segment_command
+from RefSAM3DLib.errors import Cancelled, RefSAM3DError
+from RefSAM3DLib.geometry import volume_from_sitk
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its parent counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_progress_done_and_other_lines_are_told_apart():
+    assert parse_line("PROGRESS 0.5000 window 3/6\n") == parse_line("PROGRESS 0.5 window 3/6")
+    progress = parse_line("PROGRESS 0.5 window 3/6")
+    assert (progress.kind, progress.fraction, progress.text) == ("progress", 0.5, "window 3/6")
+    assert parse_line("PROGRESS 7 too far").fraction == 1.0
+    assert parse_line("DONE /tmp/x/result.seg.nrrd").kind == "done"
+    assert parse_line("DONE /tmp/x/result.seg.nrrd").text == "/tmp/x/result.seg.nrrd"
+    assert parse_line("PROGRESS soon").kind == "log"
+    assert parse_line("refsam3d: error: bad", from_stderr=True).kind == "error_log"
+
+
+def test_command_carries_every_option_and_refuses_empty_prompts():
+    command = segment_command("in.nrrd", ["liver", " spleen ", ""], "out.seg.nrrd", python="py", device="cpu",
+                              overlap=0.5, model="/models/m", modality="CT", largest_component=True, fill_holes=True)
+    assert command[:5] == ["py", "-m", "RefSAM3DLib.cli", "segment", "in.nrrd"]
+    text = " ".join(command)
+    for part in ("--prompt liver --prompt spleen --output", "--device cpu", "--overlap 0.5", "--progress-lines",
+                 "--model /models/m", "--modality CT", "--largest-component", "--fill-holes"):
+        assert part in text
+    with pytest.raises(RefSAM3DError, match="prompt"):
+        segment_command("in.nrrd", [" ", ""], "out.seg.nrrd")
+
+
+def test_child_output_streams_in_order_with_exit_status(tmp_path):
+    script = "import sys\nfor n in range(3): print(f'PROGRESS {n / 2} step {n}', flush=True)\n" \
+             "print('refsam3d: error: the volume is empty; load another one.', file=sys.stderr)\nsys.exit(2)\n"
+    child = ChildProcess([sys.executable, "-c", script])
+    child.start()
+    events = []
+    assert child.wait(events.append) == 2
+    progress = [(e.fraction, e.text) for e in events if e.kind == "progress"]
+    assert progress == [(0.0, "step 0"), (0.5, "step 1"), (1.0, "step 2")]
+    assert child.stderr_lines == ["refsam3d: error: the volume is empty; load another one."]
+
+
+def test_cancel_ends_the_child_and_its_grandchildren(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    script = textwrap.dedent(f"""
+        import subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(pid_file)!r}, "w").write(str(grandchild.pid))
+        print("PROGRESS 0.1 started", flush=True)
+        time.sleep(120)
+    """)
+    child = ChildProcess([sys.executable, "-c", script])
+    child.start()
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild_pid = int(pid_file.read_text())
+    assert _alive(child.pid) and _alive(grandchild_pid)
+
+    child.cancel()
+
+    deadline = time.monotonic() + 10
+    while _alive(grandchild_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child.pid)
+    assert not _alive(grandchild_pid)
+    assert child.cancelled and child.returncode is not None
+
+
+def test_child_environment_can_import_the_library(tmp_path):
+    env = library_environment({"PATH": os.environ.get("PATH", ""), "PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"].split(os.pathsep)[1] == "/elsewhere"
+    child = ChildProcess([sys.executable, "-c", "import RefSAM3DLib, sys; print(RefSAM3DLib.__file__)"],
+                         env=env, cwd=tmp_path)
+    child.start()
+    lines = []
+    assert child.wait(lines.append) == 0
+    assert Path(lines[0].text).resolve() == (Path(__file__).parents[1] / "RefSAM3DLib" / "__init__.py").resolve()
+
+
+@pytest.fixture(scope="module")
+def small_volume(samples_dir):
+    """A real CT crop, small enough for a fast run of the untrained model."""
+    image = sitk.ReadImage(str(samples_dir / "ts_example_ct_image.nii.gz"))[40:88, 30:78, 40:72]
+    return volume_from_sitk(image, name="crop", modality="CT")
+
+
+@pytest.fixture(scope="module")
+def untrained_model(tmp_path_factory):
+    from RefSAM3DLib.checkpoint import save_checkpoint
+    from RefSAM3DLib.model.build import build_model
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("model") / "untrained-small"
+    save_checkpoint(build_model("small"), directory, {"name": "untrained-small", "version": "test"})
+    return directory
+
+
+def test_job_runs_the_cli_and_returns_masks_on_the_input_grid(small_volume, untrained_model, tmp_path):
+    fractions = []
+    with SegmentationJob(small_volume, ["liver", "spleen"], device="cpu", model=str(untrained_model),
+                         temp_root=tmp_path) as job:
+        job.start()
+        result = job.wait(progress=lambda fraction, message: fractions.append(fraction))
+        temp_dir = job.temp_dir
+        assert (temp_dir / "result.seg.nrrd").exists()
+    assert not temp_dir.exists()
+    assert [s.structure.key for s in result.segments] == ["liver", "spleen"]
+    for segment in result.segments:
+        assert segment.mask.shape == small_volume.shape_kji and segment.mask.dtype == np.uint8
+    np.testing.assert_allclose(result.reference.ijk_to_ras, small_volume.ijk_to_ras, atol=1e-6)
+    assert fractions and fractions == sorted(fractions)
+
+
+def test_job_failure_raises_the_cli_message_and_cleans_up(small_volume, tmp_path):
+    with SegmentationJob(small_volume, ["liver"], device="cpu", model=str(tmp_path / "no-such-model"),
+                         temp_root=tmp_path) as job:
+        job.start()
+        temp_dir = job.temp_dir
+        with pytest.raises(RefSAM3DError) as raised:
+            job.wait()
+    message = str(raised.value)
+    assert "no-such-model" in message and "\n" not in message and "Traceback" not in message
+    assert not temp_dir.exists()
+
+
+def test_cancelled_job_raises_cancelled_and_leaves_nothing(small_volume, untrained_model, tmp_path):
+    job = SegmentationJob(small_volume, ["liver"], device="cpu", model=str(untrained_model), temp_root=tmp_path)
+    try:
+        job.start()
+        temp_dir = job.temp_dir
+        job.cancel()
+        with pytest.raises(Cancelled):
+            job.wait()
+    finally:
+        job.close()
+    assert not temp_dir.exists()
+    assert list(tmp_path.iterdir()) == []
