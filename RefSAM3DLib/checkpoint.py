@@ -321,7 +321,7 @@ def save_checkpoint(model: RefSAM3D, directory: "str | Path", metadata: dict | N
     """
     from safetensors.torch import save_file
 
-    from .io import atomic_write
+    from .atomic import atomic_write
 
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}

@@ -345,7 +345,7 @@ def write_report(rows: list[dict], output_dir, tolerance_mm: float, model_name: 
     """
     import monai
 
-    from .io import atomic_write
+    from .atomic import atomic_write
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

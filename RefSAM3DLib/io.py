@@ -13,13 +13,10 @@ file unless ``overwrite=True``, and always refuse to overwrite the input.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import json
-import os
 import struct
-import uuid
 import zlib
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
+from .atomic import atomic_write, full_suffix
 from .errors import RefSAM3DError
 from .geometry import LPS_TO_RAS, Grid, resample, sitk_from_array, volume_from_sitk
 from .result import LabelResult, Segment
@@ -313,31 +311,6 @@ def _nifti_layout(header: bytes):
 # Writing
 
 
-@contextlib.contextmanager
-def atomic_write(path):
-    """Yield a temporary path next to ``path``; on success rename it over ``path``, else delete it.
-
-    The temporary name keeps the destination's suffix (``.X.<random>.partial.nii.gz``) so that
-    writers choosing the format by suffix (SimpleITK) write the right format. OS errors (folder
-    missing rights, path through a file) become a RefSAM3DError.
-    """
-    path = Path(path)
-    suffix = _full_suffix(path)
-    temporary = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}."
-                               f"{uuid.uuid4().hex[:8]}.partial{suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield temporary
-        os.replace(temporary, path)
-    except OSError as error:
-        raise RefSAM3DError(
-            f"Cannot write {path}: {error.strerror or error}; choose a writable output folder."
-        ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-
-
 def write_result(result: LabelResult, path, overwrite: bool = False) -> list[Path]:
     """Write ``result`` in the format its suffix names; returns the files written.
 
@@ -358,7 +331,7 @@ def write_result(result: LabelResult, path, overwrite: bool = False) -> list[Pat
 def sidecar_path(labelmap_path) -> Path:
     """``X.nii.gz`` -> ``X.json`` (the sidecar of a label map)."""
     path = Path(labelmap_path)
-    return path.with_name(path.name[: len(path.name) - len(_full_suffix(path))] + ".json")
+    return path.with_name(path.name[: len(path.name) - len(full_suffix(path))] + ".json")
 
 
 def write_labelmap(result: LabelResult, path, overwrite: bool = False) -> tuple[Path, Path]:
@@ -473,14 +446,6 @@ def read_seg_nrrd(path, reference: Volume) -> LabelResult:
         model_name=str(segmentation.get("RefSAM3D_ModelName", "")),
         model_version=str(segmentation.get("RefSAM3D_ModelVersion", "")),
     )
-
-
-def _full_suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (SEG_NRRD_SUFFIX, ".nii.gz"):
-        if name.endswith(suffix):
-            return path.name[-len(suffix):]
-    return path.suffix
 
 
 def tag_value(text: str) -> str:

@@ -153,7 +153,7 @@ def write_overlay_png(result: LabelResult, path, overwrite: bool = False) -> Pat
         path: the PNG file to write.
         overwrite: replace an existing file; otherwise an existing file is an error.
     """
-    from .io import atomic_write
+    from .atomic import atomic_write
 
     path = Path(path)
     if path.exists() and not overwrite:

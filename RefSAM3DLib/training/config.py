@@ -1,0 +1,115 @@
+"""The training config: one YAML/JSON file that describes a whole run (data, model, optimiser,
+schedule, output), in the spirit of MONAI bundles.
+
+Relative paths: ``output``, ``cache`` and ``data_root`` are relative to the config file's folder;
+each dataset's ``root``, ``labelmap`` and ``json`` are relative to ``data_root``.
+See ``configs/train_small.yaml`` for a commented example.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import RefSAM3DError
+
+DEFAULTS = {
+    "model": "small",  # a registered config name, or {"base": name, <ModelConfig field>: value, ...}
+    "output": "runs/train",
+    "cache": None,  # default: <output>/cache
+    "data_root": ".",
+    "datasets": [],
+    "split": {"validation": [], "validation_fraction": 0.0, "seed": 0},
+    "prompts": {"per_step": 4, "absent_prob": 0.25, "max_phrasings": 16},
+    "training": {
+        "steps": 1000,  # an int, or "auto" (needs max_minutes: the horizon is set from measured speed)
+        "batch_size": 1,
+        "lr": 1.0e-4,
+        "weight_decay": 1.0e-5,
+        "betas": [0.9, 0.999],
+        "warmup_steps": 50,
+        "checkpoint_every": 250,
+        "validate_every": 250,
+        "val_windows_per_case": 2,
+        "max_minutes": None,
+        "seed": 0,
+        "num_workers": 0,
+        "grad_clip": 1.0,
+        "dataset_weights": {},
+    },
+    "augment": {},
+}
+
+
+def load_config(source: dict | str | Path) -> dict:
+    """A training config with defaults filled in and paths made absolute.
+
+    Args:
+        source: a dict (paths relative to the current folder) or a ``.yaml``/``.yml``/``.json`` file.
+    Returns:
+        the config dict; ``config["_key"]`` fingerprints what the data cache depends on and
+        ``config["_source"]`` is the file's name.
+    """
+    if isinstance(source, dict):
+        raw, base, name = copy.deepcopy(source), Path.cwd(), ""
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RefSAM3DError(f"training config {path} not found; give a YAML or JSON file (see configs/)")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(text)
+            else:
+                raw = json.loads(text)
+        except Exception as error:  # noqa: BLE001 -- any parser error is the user's file
+            raise RefSAM3DError(f"{path} is not valid YAML/JSON ({str(error).splitlines()[0]}); fix the file") from None
+        base, name = path.resolve().parent, path.name
+    if not isinstance(raw, dict):
+        raise RefSAM3DError("a training config must be a mapping of sections (model, datasets, training, ...)")
+    raw = {k: v for k, v in raw.items() if not str(k).startswith("_")}  # a loaded config's own fields
+    unknown = set(raw) - set(DEFAULTS)
+    if unknown:
+        raise RefSAM3DError(f"unknown config sections {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+
+    config = copy.deepcopy(DEFAULTS)
+    for key, value in raw.items():
+        if isinstance(config.get(key), dict) and isinstance(value, dict):
+            unknown = set(value) - set(config[key]) if key in ("training", "prompts", "split") else set()
+            if unknown:
+                raise RefSAM3DError(f"unknown keys {sorted(unknown)} in section '{key}'; known: {sorted(config[key])}")
+            config[key].update(value)
+        else:
+            config[key] = value
+    if not config["datasets"]:
+        raise RefSAM3DError("the config lists no datasets; add a 'datasets' section")
+
+    config["output"] = str((base / config["output"]).resolve())
+    config["cache"] = str((base / config["cache"]).resolve()) if config["cache"] else str(Path(config["output"]) / "cache")
+    config["data_root"] = str((base / config["data_root"]).resolve())
+    config["_source"] = name
+    config["_key"] = hashlib.sha256(
+        json.dumps([config["model"], config["datasets"], config["split"]], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    return config
+
+
+def model_config(config: dict):
+    """The ModelConfig a training config names (a registry name, or a base name with overrides)."""
+    import dataclasses
+
+    from ..model import get_config
+
+    spec = config["model"]
+    if isinstance(spec, dict):
+        overrides = {k: v for k, v in spec.items() if k != "base"}
+        base = get_config(spec.get("base", "small"))
+        try:
+            spec = dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        except TypeError as error:
+            raise RefSAM3DError(f"model overrides {sorted(overrides)} do not fit ModelConfig ({error})") from None
+    return get_config(spec)

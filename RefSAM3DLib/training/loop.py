@@ -1,0 +1,467 @@
+"""The training loop (paper section 4.1.2): AdamW, linear schedule with warm-up, Dice + CE per prompt.
+
+``train(config)`` prepares (or reuses) the cache and prompt table, builds the model with a
+:class:`~.prompts.TableTextEncoder` (no text-encoder weights needed), and trains only the
+parameters that require gradients. Output folder:
+
+* ``checkpoint/`` -- the latest RefSAM3D checkpoint (``save_checkpoint``: trainable parameters as
+  safetensors + ``config.json``) plus ``training_state.pt`` (optimizer, scheduler, step, RNG) for
+  ``resume``; written every ``checkpoint_every`` steps, at the end, on Ctrl-C and on SIGTERM;
+* ``best/`` -- the checkpoint with the best quick validation Dice;
+* ``log.csv`` (step, loss, lr, seconds, val_dice), ``curves.png``, ``validation.json``,
+  ``config.json`` (the resolved config).
+
+Multi-GPU: launched by ``torchrun``, each rank trains on its own sample ids with DDP; rank 0
+validates, logs and saves.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..errors import RefSAM3DError
+from .cache import model_space, read_manifest
+from .config import load_config, model_config
+from .prepare import PROMPT_TABLE, prepare
+from .prompts import PromptTable, TableTextEncoder
+from .windows import CaseStore, WindowDataset, collate, validation_windows
+
+STATE_FILE = "training_state.pt"
+LOG_FIELDS = ["step", "loss", "lr", "seconds", "val_dice"]
+CALIBRATION_STEPS = 20
+
+
+class LinearWarmupDecay:
+    """LR factor: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``.
+
+    A callable object (not a lambda) so LambdaLR's state_dict keeps ``total`` for resume.
+    """
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup = int(warmup)
+        self.total = int(total)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
+class MultiPromptStep(nn.Module):
+    """ONE image-encoder pass for a batch of windows, each decoded with its own prompts.
+
+    Args:
+        model: the RefSAM3D.
+
+    ``forward(image (B, 1, D, H, W), texts: B lists of P_b strings) -> B tensors (1, P_b, D, H, W)``.
+    A module (not a function) so DDP sees the whole step in its forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, texts: list[list[str]]) -> list[torch.Tensor]:
+        features = self.model.encode_image(image)
+        if image.shape[0] == 1:
+            return [self.model.decode(image, features, self.model.encode_prompts(texts[0]))]
+        return [
+            self.model.decode(image[b:b + 1], _select(features, b), self.model.encode_prompts(t))
+            for b, t in enumerate(texts)
+        ]
+
+
+def _select(features, b: int):
+    """Window ``b`` of a batch's ImageFeatures (stage_queries carry the batch on dim 1)."""
+    return type(features)(
+        embedding=features.embedding[b:b + 1], stage_queries=features.stage_queries[:, b:b + 1],
+        pixel_features=features.pixel_features[b:b + 1], image_term=features.image_term[b:b + 1],
+    )
+
+
+def train(config: dict | str | Path, resume: bool = False, init: str | Path | None = None,
+          max_cases: int | None = None, device: str = "auto", progress: bool = True,
+          stop_after: int | None = None) -> Path:
+    """Train (or fine-tune) a RefSAM3D from a training config.
+
+    Args:
+        config: a config dict or YAML/JSON file (see ``configs/train_small.yaml``).
+        resume: continue from ``<output>/checkpoint`` exactly (model, optimizer, schedule, step, RNG).
+        init: a model folder to start from (few-shot fine-tuning) instead of random weights.
+        max_cases: train on only this many training cases (a seeded choice).
+        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        progress: show a progress bar and messages (rank 0).
+        stop_after: stop after this many steps of this call, with a resumable checkpoint (the
+            schedule still spans ``training.steps``).
+    Returns:
+        the output folder.
+    """
+    from ..checkpoint import build_untrained, load_model
+    from monai.losses import DiceCELoss
+
+    cfg = load_config(config)
+    t = cfg["training"]
+    rank, world = _init_distributed()
+    main = rank == 0
+    device = _device(device, rank if world > 1 else None)
+    out = Path(cfg["output"])
+    if resume and init:
+        raise RefSAM3DError("--resume continues a run and --init starts a new one from a model; use one of them")
+    if resume and not (out / "checkpoint" / STATE_FILE).is_file():
+        raise RefSAM3DError(f"nothing to resume in {out}: no checkpoint/{STATE_FILE}; start without --resume")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare(cfg, progress=progress)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    _barrier(world)
+
+    cache_dir = Path(cfg["cache"])
+    manifest = read_manifest(cache_dir)
+    train_entries = [e for e in manifest["cases"] if e["split"] == "train"]
+    val_entries = [e for e in manifest["cases"] if e["split"] == "validation"]
+    if max_cases:
+        picked = np.random.default_rng(t["seed"]).permutation(len(train_entries))[:max_cases]
+        train_entries = [train_entries[i] for i in sorted(picked)]
+    if not train_entries:
+        raise RefSAM3DError("no training cases after the split; check 'datasets' and 'split' in the config")
+    table = PromptTable(cache_dir / PROMPT_TABLE)
+    architecture = model_config(cfg)
+    text_encoder = TableTextEncoder(table, architecture.text_context_length)
+
+    torch.manual_seed(t["seed"])  # the same initial weights on every rank and in every rerun
+    if resume:
+        model = load_model(out / "checkpoint", device="cpu", text_encoder=text_encoder)
+    elif init:
+        model = load_model(init, device="cpu", text_encoder=text_encoder)
+    else:
+        model = build_untrained(architecture, text_encoder=text_encoder)
+    if model_space(model.config) != manifest["model_space"]:
+        raise RefSAM3DError(
+            f"the model works at {model_space(model.config)}, the cache {cache_dir} at {manifest['model_space']}; "
+            "set 'model' in the config to the model's own config (or another 'cache' folder)"
+        )
+    model.base_weights.update(table.base_weights)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"], betas=tuple(t["betas"]))
+    auto_steps = t["steps"] == "auto"
+    if auto_steps and not t["max_minutes"]:
+        raise RefSAM3DError("training.steps 'auto' needs training.max_minutes; set one of them to a number")
+    # "auto": an upper bound (>= 50 ms per step) until the measured speed fixes the horizon.
+    horizon = int(t["max_minutes"] * 60 * 20) if auto_steps else int(t["steps"])
+    schedule = LinearWarmupDecay(t["warmup_steps"], horizon)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step, best, elapsed_before = 0, -1.0, 0.0
+    if resume:
+        state = torch.load(out / "checkpoint" / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
+        auto_steps = auto_steps and not state["horizon_fixed"]
+        horizon = schedule.total
+    else:
+        torch.manual_seed(t["seed"] + 1 + rank)
+
+    step_module = MultiPromptStep(model)
+    if world > 1:
+        # Point/box prompt parameters are unused by text-only steps.
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    phrasings = {k: table.phrasings(k) for k in table.structures}
+    weights = [t["dataset_weights"].get(e["dataset"], 1.0) for e in train_entries]
+    samples_per_step = t["batch_size"] * world
+    dataset = WindowDataset(
+        CaseStore(cache_dir, train_entries), phrasings, model.config.window_size_vox, model.config.spacing_mm[0],
+        seed=t["seed"], length=(horizon - step) * samples_per_step, offset=step * samples_per_step,
+        case_weights=weights, per_step=cfg["prompts"]["per_step"], absent_prob=cfg["prompts"]["absent_prob"],
+        augment=cfg["augment"],
+    )
+    loader = DataLoader(
+        dataset, batch_size=t["batch_size"], num_workers=t["num_workers"], collate_fn=collate,
+        sampler=DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True),
+        persistent_workers=t["num_workers"] > 0, pin_memory=device.type == "cuda",
+    )
+    val = validation_windows(CaseStore(cache_dir, val_entries), model.config.window_size_vox,
+                             t["val_windows_per_case"], t["seed"]) if main and val_entries else []
+    loss_fn = DiceCELoss(sigmoid=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    log = _Log(out / "log.csv", resume_step=step if resume else None) if main else None
+    stop = _StopFlag()
+
+    def save(directory_name: str, val_dice: float | None = None) -> None:
+        metadata = {
+            "step": step, "val_dice": val_dice, "training_config": cfg["_source"],
+            "structures": sorted(table.structures), "datasets": sorted({e["dataset"] for e in train_entries}),
+            "train_cases": [e["case_id"] for e in train_entries], "validation_cases": [e["case_id"] for e in val_entries],
+        }
+        state = {
+            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "best_val": best, "elapsed_s": elapsed_before + time.perf_counter() - started,
+            "horizon_fixed": not auto_steps, "torch_rng": torch.get_rng_state(),
+        }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        _save_checkpoint_dir(model, out / directory_name, metadata, state)
+
+    started = time.perf_counter()
+    first_step = step
+    step_times: list[float] = []
+    bar = _progress(progress and main, horizon, step)
+    data = iter(loader)
+    if resume:
+        # After iter(loader), which draws the workers' base seed from the torch generator.
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    try:
+        with stop.installed():
+            while step < horizon:
+                tic = time.perf_counter()
+                batch = next(data)
+                image = batch["image"].to(device, non_blocking=True)
+                with autocast:
+                    logits = step_module(image, batch["texts"])
+                loss = sum(loss_fn(lg.float(), tg.to(device)[None].float()) for lg, tg in zip(logits, batch["target"]))
+                loss = loss / len(logits)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                step_times.append(time.perf_counter() - tic)
+                if auto_steps and len(step_times) == CALIBRATION_STEPS:
+                    horizon = _fix_horizon(schedule, step, step_times, t, time.perf_counter() - started, world, device)
+                    auto_steps = False
+                    if bar is not None:
+                        bar.total = horizon
+                val_dice = None
+                if main and val and (step % t["validate_every"] == 0 or step == horizon):
+                    val_dice, per_structure = _validate(model, val, phrasings, device, autocast)
+                    (out / "validation.json").write_text(json.dumps({"step": step, "mean_dice": val_dice, **per_structure}, indent=1))
+                    if val_dice > best:
+                        best = val_dice
+                        save("best", val_dice)
+                loss_value = loss.item()
+                if main:
+                    log.write(step, loss_value, scheduler.get_last_lr()[0], elapsed_before + time.perf_counter() - started, val_dice)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss_value:.3f}", dice=f"{best:.3f}" if best >= 0 else "-")
+                    if step % t["checkpoint_every"] == 0:
+                        save("checkpoint")
+                        _plot(out)
+                minutes = (time.perf_counter() - started) / 60
+                over = bool(t["max_minutes"] and minutes >= t["max_minutes"]) or step - first_step == stop_after
+                if _any_rank(stop.requested or over, world, device):
+                    if main and progress:
+                        print(f"\nstopping at step {step} ({'signal' if stop.requested else 'budget reached'})", flush=True)
+                    break
+    except KeyboardInterrupt:
+        if main and progress:
+            print(f"\ninterrupted at step {step}; saving a checkpoint to resume from", flush=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    if main:
+        save("checkpoint")
+        _plot(out)
+    _barrier(world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return out
+
+
+def _fix_horizon(schedule: LinearWarmupDecay, step: int, step_times: list[float], t: dict, elapsed: float,
+                 world: int, device) -> int:
+    """Set the schedule's length from the measured step time so it ends with the time budget."""
+    per_step = float(np.median(step_times[len(step_times) // 4:]))
+    if world > 1:  # every rank must agree: the slowest sets the pace
+        slowest = torch.tensor([per_step, elapsed], device=device)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        per_step, elapsed = slowest.tolist()
+    remaining_s = t["max_minutes"] * 60 - elapsed
+    # Keep ~5 % of the budget for validation and checkpoints.
+    schedule.total = step + max(1, int(0.95 * remaining_s / per_step))
+    schedule.warmup = min(schedule.warmup, schedule.total // 10 + 1)
+    return schedule.total
+
+
+@torch.no_grad()
+def _validate(model, windows: list[dict], phrasings: dict[str, list[str]], device, autocast) -> tuple[float, dict]:
+    """Mean Dice over (window, structure) pairs, prompting each structure by its name."""
+    from monai.metrics import compute_dice
+
+    model.eval()
+    scores: dict[str, list[float]] = {}
+    for w in windows:
+        with autocast:
+            logits = model(w["image"].to(device), [phrasings[k][0] for k in w["keys"]])
+        dice = compute_dice((logits.float() > 0).float(), w["target"].to(device).float(), include_background=True)
+        for key, value in zip(w["keys"], dice[0].tolist()):
+            if not math.isnan(value):
+                scores.setdefault(key, []).append(value)
+    model.train()
+    per_structure = {k: float(np.mean(v)) for k, v in sorted(scores.items())}
+    mean = float(np.mean([x for v in scores.values() for x in v])) if scores else 0.0
+    return mean, {"per_structure": per_structure}
+
+
+def _save_checkpoint_dir(model, directory: Path, metadata: dict, state: dict) -> None:
+    """Write a complete checkpoint folder next to the old one, then swap: never half a checkpoint."""
+    from ..checkpoint import save_checkpoint
+
+    fresh = directory.with_name(directory.name + ".new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    save_checkpoint(model, fresh, metadata)
+    torch.save(state, fresh / STATE_FILE)
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    fresh.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _Log:
+    """The CSV log; on resume, rows after the resumed step are dropped (they were never saved)."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows = []
+        if resume_step is not None and path.is_file():
+            with path.open() as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.handle = path.open("a", newline="")
+        self.writer = csv.writer(self.handle)
+
+    def write(self, step: int, loss: float, lr: float, seconds: float, val_dice: float | None) -> None:
+        self.writer.writerow([step, f"{loss:.5f}", f"{lr:.3e}", f"{seconds:.1f}", "" if val_dice is None else f"{val_dice:.4f}"])
+        self.handle.flush()
+
+
+def _plot(out: Path) -> None:
+    """``curves.png``: training loss (raw and smoothed) and quick validation Dice against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with (out / "log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    steps = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    val = [(int(r["step"]), float(r["val_dice"])) for r in rows if r["val_dice"]]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(steps, loss, color="0.8", lw=0.5, label="loss")
+    k = max(1, len(loss) // 50)
+    ax_loss.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color="C0", label=f"mean of {k}")
+    ax_loss.set(xlabel="step", ylabel="Dice + CE loss", title="training loss")
+    ax_loss.legend()
+    if val:
+        ax_val.plot(*zip(*val), "o-", color="C1")
+    ax_val.set(xlabel="step", ylabel="Dice", ylim=(0, 1), title="quick validation Dice (windows)")
+    fig.tight_layout()
+    tmp = out / "curves.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out / "curves.png")
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+class _StopFlag:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def installed(self):
+        flag = self
+
+        class _Installed:
+            def __enter__(self):
+                self.previous = signal.signal(signal.SIGTERM, flag._handler) if _main_thread() else None
+                return flag
+
+            def __exit__(self, *exc):
+                if self.previous is not None:
+                    signal.signal(signal.SIGTERM, self.previous)
+                return False
+
+        return _Installed()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's environment starts a process group, else (0, 1)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    """True on every rank when it is True on any (ranks must stop at the same step)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _device(name: str, local_rank: int | None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RefSAM3DError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        if local_rank is not None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", local_rank)))
+        elif device.index is None:
+            device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+    return device
+
