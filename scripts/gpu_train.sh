@@ -24,15 +24,27 @@ RUN=/tmp/refsam3d_run
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$OUT/checkpoint"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/train.log"
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"; } | tee "$OUT/train.log"
 
 # The budget covers training; keep ~1 minute for the start, the last checkpoint and the copy back.
-BUDGET=$(python3 -c "print(max(1.0, $MINUTES - 1.0))")
+START=$(date +%s)
+train_once() {  # $1 = DataLoader workers, $2 = minutes
+    python3 -m RefSAM3DLib.training train --config "$CONFIG" --device "${DEVICE:-cuda}" --output "$RUN" \
+        --steps auto --max-minutes "$2" --batch-size "$BATCH" --num-workers "$1" \
+        ${INIT:+--init "$INIT"} 2>&1 | tr '\r' '\n' | grep -v '^ *[0-9]*%|' | tee -a "$OUT/train.log"
+    return "${PIPESTATUS[0]}"
+}
 set +e
-python3 -m RefSAM3DLib.training train --config "$CONFIG" --device cuda --output "$RUN" \
-    --steps auto --max-minutes "$BUDGET" --batch-size "$BATCH" --num-workers "$WORKERS" \
-    ${INIT:+--init "$INIT"} 2>&1 | tr '\r' '\n' | grep -v '^ *[0-9]*%|' | tee -a "$OUT/train.log"
-STATUS=${PIPESTATUS[0]}
+train_once "$WORKERS" "$(python3 -c "print(max(1.0, $MINUTES - 1.0))")"
+STATUS=$?
+if [ "$STATUS" -ne 0 ] && [ ! -f "$RUN/checkpoint/model.safetensors" ]; then
+    # worker processes can fail in sandboxed machines (shared memory); retry in-process
+    LEFT=$(python3 -c "print(max(1.0, $MINUTES - 1.5 - ($(date +%s) - $START) / 60))")
+    echo "retrying without DataLoader workers for $LEFT minutes" | tee -a "$OUT/train.log"
+    rm -rf "$RUN"
+    train_once 0 "$LEFT"
+    STATUS=$?
+fi
 set -e
 
 cp "$RUN"/log.csv "$RUN"/curves.png "$RUN"/validation.json "$OUT"/ 2>/dev/null || true
