@@ -103,6 +103,8 @@ class WindowDataset(Dataset):
         })[0]
         label = window["label"][0]
         annotated = np.asarray(window["annotated"], dtype=bool)
+        # a flip can name a mirror structure that no dataset phrases (lung_left from lung_right)
+        annotated[1:] &= np.array([key in self.phrasings for key in case["structures"]], dtype=bool)
         indices = choose_structures(label, annotated, rng, self.per_step, self.absent_prob)
         keys = [case["structures"][i - 1] for i in indices]
         texts = [str(rng.choice(self._phrasings(k, case["modality"]))) for k in keys]
