@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -63,12 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
 
-    train = commands.add_parser("train", help="train or fine-tune a model from a config file")
-    train.add_argument("--config", required=True, help="YAML or JSON training config")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
-    train.add_argument("--init", help="start from this model (few-shot fine-tuning)")
-    train.add_argument("--max-cases", type=int, help="use only this many training cases")
-    train.add_argument("--device", default="auto")
+    train = commands.add_parser(
+        "train",
+        add_help=False,
+        help="train or fine-tune a model from a config file (options: refsam3d train --help)",
+    )
 
     info = commands.add_parser("info", help="parameter counts of a model config")
     info.add_argument("--config", default="small", help="config name (small, vit_b)")
@@ -77,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # its options belong to the training entry point
+        args.training_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except Cancelled as error:
@@ -264,12 +267,10 @@ def run_info(args) -> int:
 
 
 def run_train(args) -> int:
-    from .training.loop import train
+    """``refsam3d train ...`` is ``python -m RefSAM3DLib.training train ...`` (one parser, one place)."""
+    from .training.__main__ import main as training_main
 
-    started = time.perf_counter()
-    output = train(args.config, resume=args.resume, init=args.init, max_cases=args.max_cases, device=args.device)
-    print(f"training finished in {time.perf_counter() - started:.0f} s: {output}")
-    return 0
+    return training_main(["train", *args.training_args])
 
 
 def run_evaluate(args) -> int:
