@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
 
-    train = commands.add_parser(
+    # its options are parsed by the training entry point itself (see main)
+    commands.add_parser(
         "train",
         add_help=False,
         help="train or fine-tune a model from a config file (options: refsam3d train --help)",

@@ -105,3 +105,17 @@ def tiny_sam_files(tmp_path_factory):
     clip_path = folder / "tiny_clip.safetensors"
     save_file({k: v.contiguous() for k, v in clip.tower.state_dict().items()}, str(clip_path))
     return sam_path, clip_path, sam
+
+
+@pytest.fixture(scope="session")
+def untrained_model_dir(tmp_path_factory):
+    """An untrained small model saved as a checkpoint folder: real code path, no bundled weights."""
+    import torch
+
+    from RefSAM3DLib.checkpoint import save_checkpoint
+    from RefSAM3DLib.model.build import build_model
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("model") / "untrained-small"
+    save_checkpoint(build_model("small"), directory, {"name": "untrained-small", "version": "test"})
+    return directory

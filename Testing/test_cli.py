@@ -8,22 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from RefSAM3DLib.checkpoint import save_checkpoint
 from RefSAM3DLib.cli import main
-from RefSAM3DLib.model.build import build_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "RefSAM3DLib" / "samples"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """An untrained small model saved as a checkpoint folder (fast to load, no bundled weights needed)."""
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("model") / "untrained-small"
-    save_checkpoint(build_model("small"), directory, {"name": "untrained-small", "version": "test"})
-    return directory
+def model_dir(untrained_model_dir):
+    return untrained_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +150,10 @@ def test_info_json_reports_parameter_counts(capsys):
     assert code == 0
     report = json.loads(out)
     assert report["total"]["total"] > 0 if isinstance(report.get("total"), dict) else report
+
+
+def test_train_options_reach_the_training_entry_point(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    assert "--max-minutes" in capsys.readouterr().out

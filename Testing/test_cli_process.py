@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from RefSAM3DLib.cli_process import ChildProcess, SegmentationJob, library_environment, parse_line, segment_command
 from RefSAM3DLib.errors import Cancelled, RefSAM3DError
@@ -109,14 +108,8 @@ def small_volume(samples_dir):
 
 
 @pytest.fixture(scope="module")
-def untrained_model(tmp_path_factory):
-    from RefSAM3DLib.checkpoint import save_checkpoint
-    from RefSAM3DLib.model.build import build_model
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("model") / "untrained-small"
-    save_checkpoint(build_model("small"), directory, {"name": "untrained-small", "version": "test"})
-    return directory
+def untrained_model(untrained_model_dir):
+    return untrained_model_dir
 
 
 def test_job_runs_the_cli_and_returns_masks_on_the_input_grid(small_volume, untrained_model, tmp_path):
