@@ -59,10 +59,13 @@ def load_config(source: dict | str | Path) -> dict:
         if not path.is_file():
             raise RefSAM3DError(f"training config {path} not found; give a YAML or JSON file (see configs/)")
         text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise RefSAM3DError("YAML training configs need PyYAML: pip install 'refsam3d[train]' (or use JSON).") from None
         try:
             if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
                 raw = yaml.safe_load(text)
             else:
                 raw = json.loads(text)
