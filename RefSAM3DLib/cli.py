@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cases", nargs="*", help="only these case names")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    evaluate.add_argument("--modality", choices=["CT", "MR"], help="modality of cases that do not state one")
 
     # its options are parsed by the training entry point itself (see main)
     commands.add_parser(
@@ -284,6 +285,7 @@ def run_evaluate(args) -> int:
         case_names=args.cases,
         device=args.device,
         tolerance_mm=args.tolerance_mm,
+        modality=args.modality,
     )
     print(f"report written: {report}")
     return 0

@@ -18,7 +18,7 @@ import datetime
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -116,7 +116,11 @@ def cases_from_folder_pairs(folder, labelmaps_json=None) -> list[EvalCase]:
     (in ``folder`` or its sub-folders) and a ``labelmaps.json`` mapping each label file (by name
     or by path relative to the JSON's folder) to ``{value: name}``."""
     folder = Path(folder)
-    labelmaps_json = Path(labelmaps_json) if labelmaps_json else folder / "labelmaps.json"
+    if labelmaps_json is None:
+        # ../shared/data keeps one labelmaps.json above its dataset folders, keyed "folder/file"
+        candidates = [folder / "labelmaps.json", folder.parent / "labelmaps.json"]
+        labelmaps_json = next((c for c in candidates if c.is_file()), candidates[0])
+    labelmaps_json = Path(labelmaps_json)
     if not labelmaps_json.is_file():
         raise RefSAM3DError(f"{labelmaps_json}: no label-map JSON; give --data a folder with labelmaps.json.")
     maps = json.loads(labelmaps_json.read_text())
@@ -280,9 +284,13 @@ def _load(model_name_or_path, device: str):
 
 
 def evaluate_command(model, data, output_dir, case_names: Sequence[str] | None = None, device: str = "auto",
-                     tolerance_mm: float = 2.0) -> Path:
-    """``refsam3d evaluate``: returns the path of ``report.md``."""
-    cases = cases_from_data(data)
+                     tolerance_mm: float = 2.0, modality: str | None = None) -> Path:
+    """``refsam3d evaluate``: returns the path of ``report.md``.
+
+    ``modality`` applies to every case that does not state its own (a windowed CT such as the BTCV
+    copies has no air voxels, so its modality cannot be guessed from intensities).
+    """
+    cases = [c if c.modality or not modality else replace(c, modality=modality) for c in cases_from_data(data)]
     if case_names:
         missing = sorted(set(case_names) - {c.name for c in cases})
         if missing:
