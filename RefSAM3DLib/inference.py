@@ -111,17 +111,23 @@ def windows_per_batch(device: torch.device, window_size_vox: int) -> int:
 
 
 def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
-    """Optional clean-up of one binary mask ``(K, J, I)``, with MONAI's transforms."""
+    """Optional clean-up of one binary mask ``(K, J, I)`` with scipy.ndimage.
+
+    (MONAI's KeepLargestConnectedComponent would need scikit-image or cuCIM besides.)
+    """
     if not (largest_component or fill_holes) or not mask.any():
         return mask
-    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+    from scipy import ndimage
 
-    tensor = torch.from_numpy(mask[None].astype(np.uint8))
     if largest_component:
-        tensor = KeepLargestConnectedComponent(applied_labels=[1])(tensor)
+        components, count = ndimage.label(mask)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            mask = (components == sizes.argmax()).astype(np.uint8)
     if fill_holes:
-        tensor = FillHoles(applied_labels=[1])(tensor)
-    return np.asarray(tensor[0], dtype=np.uint8)
+        mask = ndimage.binary_fill_holes(mask).astype(np.uint8)
+    return mask
 
 
 def segment(

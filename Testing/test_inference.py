@@ -113,3 +113,17 @@ def test_volume_smaller_than_one_window_is_padded(untrained_small):
     tiny = Volume(np.full((3, 20, 20), 40, np.int16), np.diag([2.0, 2.0, 2.0, 1.0]), modality="CT")
     result = segment(tiny, ["liver"], model=untrained_small, device="cpu")
     assert result.segments[0].mask.shape == (3, 20, 20)
+
+
+def test_postprocessing_keeps_the_largest_component_and_fills_holes():
+    from RefSAM3DLib.inference import postprocess_mask
+
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:12, 2:12, 2:12] = 1
+    mask[6, 6, 6] = 0  # an enclosed hole
+    mask[16:18, 16:18, 16:18] = 1  # a small island
+    cleaned = postprocess_mask(mask, largest_component=True, fill_holes=True)
+    assert cleaned.dtype == np.uint8
+    assert cleaned[6, 6, 6] == 1 and cleaned[16, 16, 16] == 0
+    assert cleaned.sum() == 1000
+    assert postprocess_mask(mask, False, False) is mask
