@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -230,12 +231,20 @@ def segment(
 
 
 def model_name(model) -> str:
-    """What every output names as its maker: the checkpoint's name, or the untrained config."""
-    return model.metadata.get("name") or f"refsam3d-{model.config.name}-untrained"
+    """What every output names as its maker: the bundled name, a training run, or untrained."""
+    metadata = model.metadata
+    if metadata.get("name"):
+        return metadata["name"]
+    if "step" in metadata:  # a checkpoint written by `refsam3d train`, not yet bundled
+        return f"refsam3d-{model.config.name}-run-{getattr(model, 'checkpoint_dir', Path('?')).parent.name}"
+    return f"refsam3d-{model.config.name}-untrained"
 
 
 def model_version(model) -> str:
-    return str(model.metadata.get("version") or "untrained")
+    metadata = model.metadata
+    if metadata.get("version"):
+        return str(metadata["version"])
+    return f"step {metadata['step']}" if "step" in metadata else "untrained"
 
 
 def _as_model(model, device: torch.device):
