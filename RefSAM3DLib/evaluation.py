@@ -216,7 +216,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
     Returns:
         The report rows (one per case and structure, columns ``CSV_COLUMNS``).
     """
-    from .inference import segment
+    from .inference import model_name, model_version, segment
     from .io import read_volume
     from .overlay import write_overlay_png
     from .result import LabelResult, Segment
@@ -226,7 +226,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
     if not cases:
         raise RefSAM3DError("No cases to evaluate; check --data (and --cases).")
     model = _load(model_name_or_path, device)
-    model_label = f"{getattr(model, 'name', 'refsam3d')} {getattr(model, 'version', '')}".strip()
+    model_label = f"{model_name(model)} {model_version(model)}"
     prompts_by_structure = dict(prompts_by_structure or {})
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
