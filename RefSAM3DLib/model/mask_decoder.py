@@ -138,9 +138,16 @@ class MaskDecoder3D(nn.Module):
         hs, _ = self.transformer(src, pos, tokens)
         hyper = self.hypernetwork(hs[:, 0]).reshape(b, p, -1)
         coarse = torch.einsum("bpc,bcdhw->bpdhw", hyper, pixel_features)
+        # The two 1x1x1 convolutions written as broadcasts: the same weights and result, but far
+        # cheaper than conv3d on a 1-channel full-resolution input (this part runs per prompt).
         # One prompt at a time at full resolution keeps peak memory independent of P.
+        weight_in = self.mask_conv.weight.view(1, -1, 1, 1, 1)
+        bias_in = self.mask_conv.bias.view(1, -1, 1, 1, 1)
+        weight_out = self.out_conv.weight.view(-1)
         fine = [
-            coarse[:, i] + self.out_conv(F.gelu(image_term + self.mask_conv(coarse[:, i : i + 1])))[:, 0]
+            coarse[:, i]
+            + torch.einsum("bfdhw,f->bdhw", F.gelu(image_term + coarse[:, i : i + 1] * weight_in + bias_in), weight_out)
+            + self.out_conv.bias
             for i in range(p)
         ]
         return torch.stack(fine, dim=1)
