@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from .errors import Cancelled, RefSAM3DError
+from .io import LABELMAP_SUFFIXES, SEG_NRRD_SUFFIX, VOLUME_SUFFIXES
 
 SEGMENT_EPILOG = """examples:
   refsam3d segment ct.nii.gz --prompt "perform liver segmentation" --output liver.nii.gz
@@ -24,8 +25,7 @@ Outputs: a label map (values 1..N in prompt order) + a JSON summary next to it, 
 .seg.nrrd (segments may overlap). Not a medical device; not for clinical use.
 """
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+OUTPUT_SUFFIXES = (SEG_NRRD_SUFFIX, *LABELMAP_SUFFIXES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +106,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if not path.exists():
             raise RefSAM3DError(f"Input not found: {path}. Check the path.")
         if path.is_dir():
-            volumes = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+            volumes = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(tuple(VOLUME_SUFFIXES)))
             paths.extend(volumes if volumes else [path])
         else:
             paths.append(path)
