@@ -148,3 +148,21 @@ def test_only_petl_parameters_receive_gradients(tiny_model, tiny_sam_config):
     fraction = sum(p.numel() for p in tiny_model.image_encoder.parameters() if p.requires_grad) / total
     print(f"tiny SAM image encoder trainable fraction: {fraction:.1%}")
     assert 0 < fraction < 1
+
+
+def test_small_is_a_hybrid_with_stem_skips_and_vit_b_keeps_sams_patch_embedding(small_model):
+    from RefSAM3DLib.model.conv_stem import ConvStem
+    from RefSAM3DLib.model.image_encoder import PatchEmbed3D
+
+    assert isinstance(small_model.image_encoder.patch_embed, ConvStem)
+    assert len(small_model.pixel_decoder.stem_merge) == len(CONFIGS["small"].stem_channels) == 3
+    with torch.device("meta"):
+        vit_b = build_model("vit_b")
+    assert isinstance(vit_b.image_encoder.patch_embed, PatchEmbed3D) and len(vit_b.pixel_decoder.stem_merge) == 0
+
+
+def test_stem_deeper_than_the_patch_is_a_config_error():
+    import dataclasses
+
+    with pytest.raises(RefSAM3DError, match="stem_channels"):
+        dataclasses.replace(CONFIGS["small"], stem_channels=(4, 8, 16, 32)).validate()

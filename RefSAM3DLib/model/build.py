@@ -69,6 +69,9 @@ class ModelConfig:
             (open_clip ViT-B-16 text tower).
         text_dim: width C_text of the text encoder's token embeddings.
         text_context_length: maximum number of text tokens L.
+        stem_channels: channels of a convolutional stem's levels (full resolution, then each
+            half), whose outputs also feed the pixel decoder as U-Net skips (the hybrid ``small``);
+            empty: SAM's patch embedding, as in the paper (``vit_b``).
         clip_text: open_clip TextTransformer arguments for ``text_encoder="clip"``
             (width, heads, layers, vocab_size, output_dim); ignored for MiniLM.
     """
@@ -97,6 +100,7 @@ class ModelConfig:
     decoder_heads: int = 8
     decoder_mlp_dim: int = 2048
     fusion_channels: int = 16
+    stem_channels: tuple[int, ...] = ()
     clip_text: dict = field(default_factory=dict)
 
     @property
@@ -118,6 +122,9 @@ class ModelConfig:
             problems.append(f"window_size_vox {self.window_size_vox} is not a multiple of patch_size {self.patch_size}")
         if len(self.upsample_channels) != self.num_upsample:
             problems.append(f"upsample_channels needs {self.num_upsample} entries (log2 patch_size)")
+        if self.stem_channels and (len(self.stem_channels) > self.num_upsample
+                                   or self.patch_size % 2 ** (len(self.stem_channels) - 1)):
+            problems.append(f"stem_channels needs at most {self.num_upsample} levels (log2 patch_size)")
         if self.embed_dim % self.num_heads:
             problems.append("embed_dim must be divisible by num_heads")
         if self.neck_dim % self.decoder_heads:
@@ -140,7 +147,7 @@ class ModelConfig:
             raise RefSAM3DError(f"Model config has unknown fields {unknown}; upgrade refsam3d to read this checkpoint.")
         values = dict(data)
         for key in ("spacing_mm", "ct_window_hu", "mr_percentiles", "global_attn_indexes",
-                    "stage_indexes", "upsample_channels"):
+                    "stage_indexes", "upsample_channels", "stem_channels"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -149,7 +156,7 @@ class ModelConfig:
 CONFIGS: dict[str, ModelConfig] = {
     "small": ModelConfig(
         name="small",
-        spacing_mm=(2.0, 2.0, 2.0),
+        spacing_mm=(3.0, 3.0, 3.0),
         window_size_vox=96,
         ct_window_hu=(-125.0, 275.0),
         mr_percentiles=(0.5, 99.5),
@@ -164,6 +171,7 @@ CONFIGS: dict[str, ModelConfig] = {
         pretrained_image_encoder=False,
         neck_dim=128,
         upsample_channels=(64, 32, 8),
+        stem_channels=(8, 16, 32),
         text_encoder="minilm",
         text_dim=384,
         text_context_length=32,

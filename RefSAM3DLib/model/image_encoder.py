@@ -25,6 +25,8 @@ from torch import nn
 from segment_anything.modeling.common import LayerNorm2d, MLPBlock
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
+from .conv_stem import ConvStem
+
 
 class LayerNorm3d(LayerNorm2d):
     """SAM's channel-first LayerNorm for (B, C, D, H, W) tensors."""
@@ -196,6 +198,8 @@ class ImageEncoderViT3D(nn.Module):
         stage_indexes: blocks whose outputs are the stage features V_1..V_4.
         adapter_dim: adapter bottleneck width.
         neck_dim: channels of the neck output.
+        stem_channels: channels of the convolutional stem's levels (hybrid); empty for SAM's
+            patch embedding.
     """
 
     def __init__(
@@ -211,10 +215,14 @@ class ImageEncoderViT3D(nn.Module):
         stage_indexes: tuple[int, ...],
         adapter_dim: int,
         neck_dim: int,
+        stem_channels: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.stage_indexes = tuple(stage_indexes)
-        self.patch_embed = PatchEmbed3D(patch_size, embed_dim)
+        if stem_channels:
+            self.patch_embed = ConvStem(tuple(stem_channels), patch_size, embed_dim)
+        else:
+            self.patch_embed = PatchEmbed3D(patch_size, embed_dim)
         # SAM's (h, w) table resized to the token grid, and the new depth table (paper 3.2.2).
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_tok, grid_tok, embed_dim))
         self.pos_embed_depth = nn.Parameter(torch.zeros(1, grid_tok, 1, 1, embed_dim))
@@ -235,15 +243,20 @@ class ImageEncoderViT3D(nn.Module):
             LayerNorm3d(neck_dim),
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Returns the neck embedding (B, neck_dim, d, h, w) and 4 stage features (B, d, h, w, C)."""
-        x = self.patch_embed(x) + self.pos_embed[:, None] + self.pos_embed_depth
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Returns the neck embedding (B, neck_dim, d, h, w), 4 stage features (B, d, h, w, C) and
+        the convolutional stem's level outputs, finest first (empty without a stem)."""
+        if isinstance(self.patch_embed, ConvStem):
+            x, skips = self.patch_embed(x)
+        else:
+            x, skips = self.patch_embed(x), []
+        x = x + self.pos_embed[:, None] + self.pos_embed_depth
         stages = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.stage_indexes:
                 stages.append(self.stage_adapters[len(stages)](x))
-        return self.neck(x.permute(0, 4, 1, 2, 3)), stages
+        return self.neck(x.permute(0, 4, 1, 2, 3)), stages, skips
 
     def petl_parameter_names(self) -> set[str]:
         """Names of the parameters that train when the ViT itself is frozen (SAM-initialised)."""

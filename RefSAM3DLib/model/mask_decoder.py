@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from monai.networks.blocks import UnetResBlock
 from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.transformer import TwoWayTransformer
 
@@ -48,9 +49,13 @@ class PixelDecoder(nn.Module):
         stage_dim: channels of the stage features.
         upsample_channels: channels after each 2x step (log2(patch_size) entries).
         fusion_channels: channels of the final image/mask fusion.
+        skip_channels: channels of the convolutional stem's levels, finest first (hybrid config):
+            after each up-sampling step the level of the same resolution is concatenated and
+            merged by a MONAI ``UnetResBlock``, as in UNETR's decoder. Empty: no stem skips.
     """
 
-    def __init__(self, neck_dim: int, stage_dim: int, upsample_channels: tuple[int, ...], fusion_channels: int) -> None:
+    def __init__(self, neck_dim: int, stage_dim: int, upsample_channels: tuple[int, ...], fusion_channels: int,
+                 skip_channels: tuple[int, ...] = ()) -> None:
         super().__init__()
         steps = len(upsample_channels)
         channels_in = (neck_dim,) + tuple(upsample_channels[:-1])
@@ -64,14 +69,24 @@ class PixelDecoder(nn.Module):
         )
         # Up-sampling step l takes stage index 2 - l (stage 3, then 2, then 1) at its input.
         self.skips = nn.ModuleList(nn.Conv3d(stage_dim, c, kernel_size=1) for c in channels_in[: min(3, steps)])
+        # Up-sampling step l ends at the resolution of stem level steps - 1 - l: the last
+        # len(skip_channels) steps each merge one level, the coarsest first.
+        self.first_merge = steps - len(skip_channels)
+        self.stem_merge = nn.ModuleList(
+            UnetResBlock(3, upsample_channels[l] + skip_channels[steps - 1 - l], upsample_channels[l],
+                         kernel_size=3, stride=1, norm_name="instance")
+            for l in range(self.first_merge, steps)
+        )
         self.image_conv = nn.Conv3d(1, fusion_channels, kernel_size=3, padding=1)
 
-    def forward(self, embedding: torch.Tensor, stages: list[torch.Tensor], image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, embedding: torch.Tensor, stages: list[torch.Tensor], image: torch.Tensor,
+                stem_features: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             embedding: (B, neck_dim, d, h, w) neck output.
             stages: 4 x (B, d, h, w, stage_dim) adapted stage features.
             image: (B, 1, D, H, W) model input.
+            stem_features: the convolutional stem's level outputs, finest first (or none).
 
         Returns:
             pixel features (B, upsample_channels[-1], D, H, W) and image fusion term (B, F, D, H, W).
@@ -84,6 +99,9 @@ class PixelDecoder(nn.Module):
                     skip = F.interpolate(skip, size=x.shape[2:], mode="trilinear", align_corners=False)
                 x = x + skip
             x = up(x)
+            if l >= self.first_merge:
+                level = len(self.up) - 1 - l
+                x = self.stem_merge[l - self.first_merge](torch.cat([x, stem_features[level]], dim=1))
         return x, self.image_conv(image)
 
 

@@ -85,6 +85,7 @@ class RefSAM3D(nn.Module):
             depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
             attn_window_tok=config.attn_window_tok, global_attn_indexes=config.global_attn_indexes,
             stage_indexes=config.stage_indexes, adapter_dim=config.adapter_dim, neck_dim=c,
+            stem_channels=config.stem_channels,
         )
         self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(config)
         if self.text_encoder.dim != config.text_dim:
@@ -96,7 +97,8 @@ class RefSAM3D(nn.Module):
         self.cross_attention = HierarchicalCrossAttention(config.embed_dim, c, config.decoder_heads)
         self.pe = PositionEmbeddingRandom3D(c // 2)
         self.spatial_prompts = SpatialPromptEncoder(c, self.pe)
-        self.pixel_decoder = PixelDecoder(c, config.embed_dim, config.upsample_channels, config.fusion_channels)
+        self.pixel_decoder = PixelDecoder(
+            c, config.embed_dim, config.upsample_channels, config.fusion_channels, config.stem_channels)
         self.mask_decoder = MaskDecoder3D(
             c, config.decoder_depth, config.decoder_heads, config.decoder_mlp_dim,
             config.upsample_channels[-1], config.fusion_channels,
@@ -117,8 +119,8 @@ class RefSAM3D(nn.Module):
     def encode_image(self, image: torch.Tensor) -> ImageFeatures:
         """ONE image-encoder pass and all prompt-independent decoder work. image: (B, 1, D, H, W)."""
         self._check_image(image)
-        embedding, stages = self.image_encoder(image)
-        pixel_features, image_term = self.pixel_decoder(embedding, stages, image)
+        embedding, stages, stem_features = self.image_encoder(image)
+        pixel_features, image_term = self.pixel_decoder(embedding, stages, image, stem_features)
         return ImageFeatures(embedding, self.cross_attention.stage_queries(stages), pixel_features, image_term)
 
     def encode_prompts(self, texts: list[str]) -> PromptEmbeddings:
