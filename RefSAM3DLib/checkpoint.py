@@ -356,7 +356,7 @@ def read_checkpoint_record(directory: "str | Path") -> dict:
     if not path.is_file():
         raise RefSAM3DError(f"{directory} is not a RefSAM3D model folder (no {CONFIG_FILE}); give the folder holding config.json and model.safetensors.")
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RefSAM3DError(f"{path} is not valid JSON ({error}); restore the model folder.") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:

@@ -26,7 +26,7 @@ PROMPTS = ["perform liver segmentation", "spleen", "left kidney", "right kidney"
 
 def reference_masks(label: Volume) -> dict[str, object]:
     """Structure key -> boolean mask of the bundled reference label (TotalSegmentator output)."""
-    names = json.loads((SAMPLES / "labelmaps.json").read_text())[SAMPLE_LABEL.name]
+    names = json.loads((SAMPLES / "labelmaps.json").read_text(encoding="utf-8"))[SAMPLE_LABEL.name]
     return {key: label.array == int(value) for value, key in names.items()}
 
 
@@ -51,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     references = reference_masks(io.read_volume(SAMPLE_LABEL))
-    print(f"\nDone in {result.elapsed_s:.1f} s.  Structure, volume, Dice against the bundled TotalSegmentator reference:")
-    for seg in result.segments:
+    print(f"\nDone in {result.elapsed_s:.1f} s.  Structure, volume, Dice of the label map against the bundled "
+          "TotalSegmentator reference:")
+    for number, seg in enumerate(result.segments, start=1):
         reference = references.get(seg.structure.key) if seg.structure else None
-        dice = case_metrics(seg.mask, reference, volume.spacing_mm[::-1])["dice"] if reference is not None else float("nan")
+        dice = (case_metrics(result.label_map == number, reference, volume.spacing_mm[::-1])["dice"]
+                if reference is not None else float("nan"))
         print(f"  {seg.name:<16} {result.volume_ml(seg):9.1f} mL   Dice {dice:.3f}")
     print("\nNote: this CT was part of the bundled model's training data; see the model card for held-out scores.")
     print("Files:")

@@ -123,7 +123,7 @@ def cases_from_folder_pairs(folder, labelmaps_json=None) -> list[EvalCase]:
     labelmaps_json = Path(labelmaps_json)
     if not labelmaps_json.is_file():
         raise RefSAM3DError(f"{labelmaps_json}: no label-map JSON; give --data a folder with labelmaps.json.")
-    maps = json.loads(labelmaps_json.read_text())
+    maps = json.loads(labelmaps_json.read_text(encoding="utf-8"))
     cases = []
     for label_path in sorted(folder.rglob("*_label.nii.gz")):
         image_path = label_path.with_name(label_path.name.replace("_label.nii.gz", "_image.nii.gz"))
@@ -146,7 +146,7 @@ def cases_from_msd(dataset_json) -> list[EvalCase]:
     """
     dataset_json = Path(dataset_json)
     try:
-        dataset = json.loads(dataset_json.read_text())
+        dataset = json.loads(dataset_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise RefSAM3DError(f"{dataset_json}: cannot read the MSD dataset.json ({error}).") from None
     entries = dataset.get("validation") or dataset.get("training") or []
@@ -189,10 +189,11 @@ def default_prompt(structure_key: str) -> str:
     return structure.name if structure is not None else structure_key.replace("_", " ")
 
 
-def _find_segment(result, key: str, prompt: str):
-    for segment in result.segments:
+def _find_segment(result, key: str, prompt: str) -> int | None:
+    """The label value (1-based segment number) that answers structure ``key``."""
+    for number, segment in enumerate(result.segments, start=1):
         if (segment.structure is not None and segment.structure.key == key) or segment.prompt == prompt:
-            return segment
+            return number
     return None
 
 
@@ -201,6 +202,9 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
              progress: Callable[[float, str], None] | None = None, tolerance_mm: float = 2.0,
              worst_cases: int = 3) -> list[dict]:
     """Segment every case, score every labelled structure, write the report and worst-case overlays.
+
+    Each case is ONE ``segment`` run prompting all its labelled structures, and the run's label map
+    is scored (each voxel belongs to the most probable prompt), as ``refsam3d segment`` writes it.
 
     Args:
         model_name_or_path: a loaded RefSAM3D model, a bundled model name, a checkpoint folder,
@@ -247,8 +251,9 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
         case_rows = []
         for value, key in case.labels.items():
             reference = label.array == value
-            predicted = _find_segment(result, key, prompts[key])
-            mask = predicted.mask if predicted is not None else np.zeros(reference.shape, np.uint8)
+            # Scored as a user gets it: the run's label map, where overlapping prompts were resolved.
+            number = _find_segment(result, key, prompts[key])
+            mask = result.label_map == number if number is not None else np.zeros(reference.shape, bool)
             metrics = case_metrics(mask, reference, spacing_kji, tolerance_mm)
             structure = lookup(key)
             case_rows.append({
@@ -383,5 +388,5 @@ def write_report(rows: list[dict], output_dir, tolerance_mm: float, model_name: 
         lines.append("")
     lines += ["Per case and structure: `report.csv`.", ""]
     with atomic_write(md_path) as temporary:
-        Path(temporary).write_text("\n".join(lines))
+        Path(temporary).write_text("\n".join(lines), encoding="utf-8")
     return csv_path, md_path

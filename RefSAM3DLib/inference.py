@@ -68,6 +68,20 @@ def expand_prompts(prompts: Sequence[str] | str) -> tuple[list[Prompt], list[str
     return parsed, warnings
 
 
+def untrained_structure_warnings(model, parsed: Sequence[Prompt]) -> list[str]:
+    """A warning per vocabulary structure the model's training never showed it (when the model
+    records what it was trained on, as every checkpoint written by ``refsam3d train`` does)."""
+    trained = model.metadata.get("structures")
+    if not trained:
+        return []
+    return [
+        f"'{p.text}' ({p.structure.name}) is not among the structures this model was trained on; "
+        "the model is asked anyway, but the result is likely to be poor."
+        for p in parsed
+        if p.structure is not None and p.structure.key not in set(trained)
+    ]
+
+
 def count_windows(shape_dhw: Sequence[int], window_size_vox: int, overlap: float) -> int:
     """The number of windows MONAI's sliding window visits (same stride rule as MONAI)."""
     stride = max(int(window_size_vox * (1.0 - overlap)), 1)
@@ -167,6 +181,7 @@ def segment(
     torch_device = resolve_device(device)
     model = _as_model(model, torch_device)
     config = model.config
+    warnings.extend(untrained_structure_warnings(model, parsed))
 
     modality = volume.modality or guess_modality(volume.array) or "MR"
     if volume.modality is None:
@@ -181,44 +196,26 @@ def segment(
     with torch.no_grad():
         prompt_embeddings = model.encode_prompts(texts)
 
-    window = int(config.window_size_vox)
-    total_windows = count_windows(image_dhw.shape, window, overlap)
-    done = [0]
+    total_windows = count_windows(image_dhw.shape, config.window_size_vox, overlap)
 
-    def predict(windows: torch.Tensor) -> torch.Tensor:
-        """(n, 1, w, w, w) image windows -> (n, P, w, w, w) probabilities, one encoder pass."""
+    def on_window(done: int) -> None:
         if cancel is not None and cancel():
             raise Cancelled("Segmentation cancelled; nothing was written.")
-        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
-            features = model.encode_image(windows)
-            logits = model.decode(windows, features, prompt_embeddings)
-        done[0] += windows.shape[0]
-        report(0.05 + 0.85 * done[0] / total_windows, f"Window {done[0]}/{total_windows}")
-        return torch.sigmoid(logits.float())
+        report(0.05 + 0.85 * done / total_windows, f"Window {done}/{total_windows}")
 
-    inputs = torch.from_numpy(np.ascontiguousarray(image_dhw, dtype=np.float32))[None, None]
-    with torch.no_grad():
-        probabilities = sliding_window_inference(
-            inputs,
-            roi_size=(window, window, window),
-            sw_batch_size=windows_per_batch(torch_device, window),
-            predictor=predict,
-            overlap=overlap,
-            mode="gaussian",
-            sw_device=torch_device,
-            device=torch.device("cpu"),
-        )[0]
-    del inputs
+    probabilities = model_space_probabilities(model, image_dhw, prompt_embeddings, torch_device, overlap, on_window)
 
     segments = []
+    label_map = LabelMapComposer(volume.shape_kji, len(parsed))
     for index, prompt in enumerate(parsed):
         if cancel is not None and cancel():
             raise Cancelled("Segmentation cancelled; nothing was written.")
         report(0.9 + 0.1 * index / len(parsed), f"Resampling '{prompt.text}' to the input grid")
         on_input = preprocess.from_model_space(probabilities[index].numpy(), grid, interpolation="linear")
-        mask = (on_input >= threshold).astype(np.uint8)
+        mask = postprocess_mask((on_input >= threshold).astype(np.uint8), largest_component, fill_holes)
+        label_map.add(index + 1, mask, on_input)
         del on_input
-        segments.append(Segment(prompt.text, prompt.structure, postprocess_mask(mask, largest_component, fill_holes)))
+        segments.append(Segment(prompt.text, prompt.structure, mask))
     report(1.0, "Done")
     return LabelResult(
         reference=volume,
@@ -227,7 +224,76 @@ def segment(
         model_version=model_version(model),
         elapsed_s=time.perf_counter() - started,
         warnings=warnings,
+        label_map=label_map.labels,
     )
+
+
+def model_space_probabilities(model, image_dhw: np.ndarray, prompt_embeddings, device: torch.device,
+                              overlap: float = 0.25, on_window: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Sliding-window probabilities of every prompt over a whole model-space volume.
+
+    Per window the image encoder runs ONCE and every prompt is decoded from its features; windows
+    are blended with MONAI's Gaussian weights. Training validates through this same function.
+
+    Args:
+        model: a RefSAM3D in eval mode on ``device``.
+        image_dhw: (D, H, W) model-space intensities in [0, 1].
+        prompt_embeddings: ``model.encode_prompts(texts)`` for P prompts.
+        device: where the windows run (the blended volume stays on the CPU).
+        overlap: fraction of a window shared with its neighbours.
+        on_window: called with the number of windows done so far (may raise to stop).
+    Returns:
+        (P, D, H, W) float32 probabilities on the CPU.
+    """
+    window = int(model.config.window_size_vox)
+    done = [0]
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        """(n, 1, w, w, w) image windows -> (n, P, w, w, w) probabilities, one encoder pass."""
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            features = model.encode_image(windows)
+            logits = model.decode(windows, features, prompt_embeddings)
+        done[0] += windows.shape[0]
+        if on_window is not None:
+            on_window(done[0])
+        return torch.sigmoid(logits.float())
+
+    inputs = torch.from_numpy(np.ascontiguousarray(image_dhw, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        return sliding_window_inference(
+            inputs,
+            roi_size=(window, window, window),
+            sw_batch_size=windows_per_batch(device, window),
+            predictor=predict,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=device,
+            device=torch.device("cpu"),
+        )[0]
+
+
+class LabelMapComposer:
+    """One label map from several prompts' masks: each voxel goes to the prompt with the highest
+    probability among those whose mask holds it (unlabelled where no mask does).
+
+    Built one prompt at a time so that memory does not grow with the number of prompts: it keeps
+    the labels and the winning probability (quantised to uint8) only.
+
+    Args:
+        shape: the label map's shape.
+        count: the number of prompts (sets the dtype: uint8 below 256 prompts, else uint16).
+    """
+
+    def __init__(self, shape: Sequence[int], count: int) -> None:
+        self.labels = np.zeros(tuple(shape), dtype=np.uint8 if count < 256 else np.uint16)
+        self._best = np.zeros(tuple(shape), dtype=np.uint8)
+
+    def add(self, value: int, mask: np.ndarray, probability: np.ndarray) -> None:
+        """Offer ``mask`` (0/1) with its ``probability`` map (floats in [0, 1]) as label ``value``."""
+        level = np.round(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+        claim = (mask > 0) & (level > self._best)
+        self.labels[claim] = value
+        self._best[claim] = level[claim]
 
 
 def model_name(model) -> str:

@@ -338,9 +338,10 @@ def write_labelmap(result: LabelResult, path, overwrite: bool = False) -> tuple[
     """A label map on the input grid plus its sidecar JSON ``X.json``; returns both paths.
 
     Voxel values are 1..N in prompt order (0 = background), uint8 (uint16 beyond 255 prompts).
-    Overlaps: a voxel claimed by several prompts keeps the EARLIER prompt's value (the first prompt
-    has priority); each segment's ``volume_ml`` in the JSON counts its full mask, and a warning in
-    the JSON says how many voxels went to earlier prompts. Use .seg.nrrd to keep overlaps.
+    Overlaps: a voxel claimed by several prompts goes to the one with the highest probability
+    (``result.label_map``; for a result without probabilities, to the earlier prompt); each
+    segment's ``volume_ml`` in the JSON counts its full mask, and a warning in the JSON says how
+    many voxels went to other prompts. Use .seg.nrrd to keep overlaps.
     """
     path = Path(path)
     json_path = sidecar_path(path)
@@ -475,18 +476,25 @@ def _check_segments(result: LabelResult) -> None:
 
 
 def _label_array(result: LabelResult) -> tuple[np.ndarray, list[str]]:
-    """``(K, J, I)`` labels 1..N in prompt order, earlier prompts winning overlaps; warnings."""
-    dtype = np.uint8 if len(result.segments) < 256 else np.uint16
-    labels = np.zeros(result.reference.shape_kji, dtype=dtype)
+    """``(K, J, I)`` labels 1..N in prompt order and a warning per segment that lost voxels.
+
+    The engine's ``label_map`` (most probable prompt wins) when the result has one; otherwise
+    overlaps go to the earlier prompt.
+    """
+    labels = result.label_map
+    if labels is None:
+        labels = np.zeros(result.reference.shape_kji, dtype=np.uint8 if len(result.segments) < 256 else np.uint16)
+        for value, segment in reversed(list(enumerate(result.segments, start=1))):
+            labels[segment.mask > 0] = value
     warnings = []
     for value, segment in enumerate(result.segments, start=1):
-        mask = segment.mask > 0
-        free = mask & (labels == 0)
-        labels[free] = value
-        taken = int(np.count_nonzero(mask)) - int(np.count_nonzero(free))
-        if taken:
+        lost = int(np.count_nonzero((segment.mask > 0) & (labels != value)))
+        if lost:
             warnings.append(
-                f"{taken} voxels of '{segment.name}' (label {value}) overlap earlier prompts and "
+                f"{lost} voxels of '{segment.name}' (label {value}) overlap other prompts and went to "
+                "the more probable one; write .seg.nrrd to keep overlaps."
+                if result.label_map is not None else
+                f"{lost} voxels of '{segment.name}' (label {value}) overlap earlier prompts and "
                 "keep their label; write .seg.nrrd to keep overlaps."
             )
     return labels, warnings

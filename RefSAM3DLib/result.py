@@ -39,7 +39,9 @@ class LabelResult:
     """All segments of one run, plus the provenance every output must carry.
 
     ``reference`` is the input volume (its ``ijk_to_ras`` and shape define the output grid).
-    Segments may overlap; a label map writer resolves overlaps in prompt order.
+    Segments may overlap. ``label_map`` ``(K, J, I)`` (values 1..N in segment order) is the
+    engine's resolution of overlaps: each voxel goes to the prompt with the highest probability;
+    a result without one (read back from a file) resolves overlaps in segment order.
     """
 
     reference: Volume
@@ -48,6 +50,7 @@ class LabelResult:
     model_version: str
     elapsed_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    label_map: np.ndarray | None = None
 
     def volume_ml(self, segment: Segment) -> float:
         return float(np.count_nonzero(segment.mask)) * self.reference.voxel_volume_ml

@@ -127,3 +127,15 @@ def test_postprocessing_keeps_the_largest_component_and_fills_holes():
     assert cleaned[6, 6, 6] == 1 and cleaned[16, 16, 16] == 0
     assert cleaned.sum() == 1000
     assert postprocess_mask(mask, False, False) is mask
+
+
+def test_structures_the_model_never_trained_on_come_with_a_warning(untrained_small):
+    untrained_small.metadata = {"structures": ["liver", "spleen"]}
+    try:
+        volume = Volume(np.zeros((20, 20, 20), np.float32), np.eye(4), modality="CT")
+        result = segment(volume, ["liver", "urinary bladder"], model=untrained_small, device="cpu")
+    finally:
+        untrained_small.metadata = {}
+    assert [w for w in result.warnings if "not among the structures" in w] == [
+        w for w in result.warnings if "bladder" in w.lower()]
+    assert len([w for w in result.warnings if "not among the structures" in w]) == 1
