@@ -409,30 +409,3 @@ def training_phrasings(structure: Structure, modality: str | None = None) -> lis
             for m in _MODALITY_WORDS[modality] if "{m}" in template else ("",):
                 phrasings.append(template.format(x=x, m=m))
     return list(dict.fromkeys(phrasings))
-
-
-# ---- left/right ------------------------------------------------------------------------------------
-
-_SIDE_SWAP = {"left": "right", "right": "left"}
-
-
-def mirror(structure: Structure) -> Structure | None:
-    """The structure a left-right flip turns ``structure`` into.
-
-    Itself for unpaired midline structures (liver); the other side for a pair (left kidney ->
-    right kidney); ``None`` for a one-sided structure without a counterpart in the vocabulary
-    (right middle lung lobe, left atrial appendage): a flipped image has no correct label for it.
-    """
-    tokens = structure.key.split("_")
-    if not any(t in _SIDE_SWAP for t in tokens):
-        return structure
-    return STRUCTURES.get("_".join(_SIDE_SWAP.get(t, t) for t in tokens))
-
-
-def is_lateral_pair(structure: Structure, other: Structure | None = None) -> bool:
-    """With one argument: does ``structure`` have a left/right counterpart? With two: are they
-    the two sides of one pair (left and right kidney)?"""
-    counterpart = mirror(structure)
-    if counterpart is None or counterpart is structure:
-        return False
-    return other is None or other == counterpart

@@ -1,4 +1,4 @@
-"""Training pipeline: dataset layouts, patient-level split, cache, augmentation laterality, the loop.
+"""Training pipeline: dataset layouts, patient-level split, cache, sampling, laterality, loss, the loop.
 
 The loop tests train a toy-sized model (32^3 windows at 4 mm) on a real bundled CT.
 """
@@ -15,20 +15,23 @@ import torch
 from monai.losses import DiceCELoss
 from safetensors.torch import load_file
 
+from RefSAM3DLib.inference import LabelMapComposer
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.training import train
-from RefSAM3DLib.training.augment import RandLateralFlipd
+from RefSAM3DLib.training.augment import crop_around
 from RefSAM3DLib.training.cache import IMAGE_LEVELS, build_cache, load_case, read_manifest
 from RefSAM3DLib.training.datasets import load_cases, split_by_patient
 from RefSAM3DLib.training.prepare import PROMPT_TABLE
 from RefSAM3DLib.training.prompts import PromptTable, TableTextEncoder
-from RefSAM3DLib.training.windows import CaseStore, validation_windows
+from RefSAM3DLib.training.loss import PromptLoss
+from RefSAM3DLib.training.validation import validate_whole_volumes
+from RefSAM3DLib.training.windows import CaseStore, WindowDataset, choose_structures, crop_centre
 
 TOY_MODEL = {
     "base": "small", "spacing_mm": [4.0, 4.0, 4.0], "window_size_vox": 32, "embed_dim": 48, "depth": 4,
     "num_heads": 2, "attn_window_tok": 2, "global_attn_indexes": [3], "stage_indexes": [0, 1, 2, 3],
     "adapter_dim": 8, "neck_dim": 32, "upsample_channels": [16, 8, 8], "decoder_heads": 2,
-    "decoder_mlp_dim": 64, "fusion_channels": 4,
+    "decoder_mlp_dim": 64, "fusion_channels": 4, "stem_channels": [4, 8, 8],
 }
 
 
@@ -121,7 +124,7 @@ def test_split_never_puts_one_patient_on_both_sides(samples_dir, tmp_path):
 # ---- cache and augmentation -------------------------------------------------------------------------
 
 
-def test_cache_holds_model_space_case_with_mirrors_unannotated(samples_dir, tmp_path):
+def test_cache_holds_model_space_case_with_its_annotated_structures(samples_dir, tmp_path):
     from RefSAM3DLib.io import read_volume
     from RefSAM3DLib.preprocess import IntensitySettings, labels_to_model_space, to_model_space
     from RefSAM3DLib.training.config import model_config
@@ -131,9 +134,8 @@ def test_cache_holds_model_space_case_with_mirrors_unannotated(samples_dir, tmp_
                         "structures": ["liver", "kidney_left"]}, samples_dir)
     manifest = build_cache(cases, {"chaos_t2spir_01": "train"}, config, tmp_path, progress=False)
     case = load_case(tmp_path / manifest["cases"][0]["file"])
-    assert case["structures"] == ["liver", "kidney_left", "kidney_right"]
-    assert case["annotated"].tolist() == [False, True, True, False]  # the right kidney is not labelled here
-    assert case["mirror_lut"][1:4].tolist() == [1, 3, 2]
+    assert case["structures"] == ["liver", "kidney_left"]
+    assert case["annotated"].tolist() == [False, True, True]  # index 0 is the background
 
     image, grid = to_model_space(read_volume(cases[0].image_path, "MR"), config.spacing_mm,
                                  IntensitySettings.from_config(config, "MR"))
@@ -144,22 +146,80 @@ def test_cache_holds_model_space_case_with_mirrors_unannotated(samples_dir, tmp_
     assert abs(case["image"].astype(float).mean() / IMAGE_LEVELS * case["image"].size - image.sum()) < 0.02 * image.sum()
 
 
-def test_lateral_flip_renames_left_and_right_structures():
-    # Index 1 = kidney_left lies at high W (the patient's left); 2 = kidney_right at low W; 3 = liver.
-    label = np.zeros((1, 4, 4, 8), dtype=np.uint8)
-    label[0, :, :, 6:] = 1
-    label[0, :, :, :2] = 2
-    label[0, 0, 0, 3] = 3
-    lut = np.zeros(256, dtype=np.uint8)
-    lut[1:4] = [2, 1, 3]
-    flip = RandLateralFlipd(("image",), prob=1.0)
-    out = flip({"image": torch.arange(128.0).reshape(1, 4, 4, 8), "label": torch.from_numpy(label),
-                "mirror_lut": lut, "annotated": np.array([False, True, False, True])})
-    # After the flip the high-W (left) kidney is the old right one, and it is called left again.
-    assert (out["label"][0, :, :, 6:] == 1).all() and (out["label"][0, :, :, :2] == 2).all()
-    assert out["label"][0, 0, 0, 4] == 3
-    assert out["image"][0, 0, 0, 0] == 7.0
-    assert out["annotated"].tolist() == [False, False, True, True]  # only the left kidney was labelled
+def _two_sided_case(size=96):
+    """A synthetic model-space case: the right kidney (1) at low W (the patient's right, LPS), the
+    left kidney (2) at high W, a large liver (3) and a tiny adrenal (4) on the right."""
+    label = np.zeros((size,) * 3, dtype=np.uint8)
+    label[30:60, 30:60, 10:22] = 1
+    label[30:60, 30:60, 74:86] = 2
+    label[10:70, 10:80, 24:56] = 3
+    label[62:64, 40:42, 14:16] = 4
+    image = (np.random.default_rng(0).integers(0, IMAGE_LEVELS, label.shape) // 2 + label * 6).astype(np.uint8)
+    return {"image": image, "label": label, "structures": ["kidney_right", "kidney_left", "liver", "adrenal_gland_right", "spleen"],
+            "annotated": np.array([False, True, True, True, True, True]), "modality": "CT", "case_id": "synthetic"}
+
+
+def test_training_windows_never_mirror_anatomy():
+    # With a left/right flip, half the windows would show the "right kidney" on the patient's left.
+    phrasings = {k: [k] for k in ("kidney_right", "kidney_left", "liver", "adrenal_gland_right", "spleen")}
+    dataset = WindowDataset([_two_sided_case()], phrasings, 64, 3.0, seed=0, length=40)
+    both = 0
+    for item in dataset:
+        masks = dict(zip(item["keys"], item["target"]))
+        right, left = masks["kidney_right"], masks["kidney_left"]
+        if right.any() and left.any():
+            both += 1
+            w = torch.arange(right.shape[-1], dtype=torch.float32)
+            assert (right.sum((0, 1)) * w).sum() / right.sum() < (left.sum((0, 1)) * w).sum() / left.sum()
+    assert both >= 10
+
+
+def test_every_annotated_structure_is_trained_in_every_window_present_or_absent():
+    label = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    label[0, 0, 0] = 1
+    annotated = np.array([False, True, True, False, True])  # 3 is not annotated: unknown, never trained
+    rng = np.random.default_rng(0)
+    assert choose_structures(label, annotated, rng, max_prompts=16) == [1, 2, 4]
+    assert choose_structures(label, annotated, rng, max_prompts=2)[0] == 1  # present ones first under a cap
+
+
+def test_crop_centres_are_balanced_across_structures_not_voxels():
+    case = _two_sided_case()
+    rng = np.random.default_rng(0)
+    hits = [case["label"][tuple(crop_centre(case, rng, background_prob=0.1))] for _ in range(400)]
+    # The 8-voxel adrenal is drawn as often as the 200,000-voxel liver (uniform voxels: 1 in 25,000).
+    assert 60 < hits.count(4) < 140 and 60 < hits.count(3) < 140
+    assert crop_around(case["image"], case["label"], (95, 95, 95), 120)[0].shape == (120, 120, 120)
+
+
+# ---- loss and validation ---------------------------------------------------------------------------
+
+
+def test_loss_penalises_false_positives_when_several_prompts_share_a_window():
+    target = torch.zeros(1, 2, 4, 4, 4)  # two prompts, both structures absent from the window
+    for loss_fn, penalised in ((PromptLoss(), True), (DiceCELoss(sigmoid=True), False)):
+        logits = torch.full((1, 2, 4, 4, 4), 3.0, requires_grad=True)
+        loss_fn(logits, target).backward()
+        # MONAI's multi-channel CE is a softmax across prompts: no gradient against a false positive.
+        assert (logits.grad.abs().sum() > 1e-3) is penalised
+
+
+def test_loss_uses_dice_only_where_the_target_is_not_empty():
+    target = torch.zeros(1, 2, 8, 8, 8)
+    target[0, 0, 2:6, 2:6, 2:6] = 1
+    perfect_first = torch.where(target > 0, 20.0, -20.0)
+    assert PromptLoss()(perfect_first, target) < 1e-3  # an empty second prompt answered empty costs nothing
+    wrong_first = perfect_first.clone()
+    wrong_first[0, 0] = -20.0
+    assert PromptLoss()(wrong_first, target) > 0.9  # a missed structure costs its whole Dice
+
+
+def test_label_map_gives_each_voxel_to_the_most_probable_prompt():
+    composer = LabelMapComposer((1, 1, 3), count=3)
+    composer.add(1, np.array([[[1, 1, 0]]]), np.array([[[0.6, 0.9, 0.2]]]))
+    composer.add(2, np.array([[[1, 1, 0]]]), np.array([[[0.8, 0.7, 0.3]]]))
+    composer.add(3, np.array([[[0, 0, 0]]]), np.array([[[0.99, 0.99, 0.4]]]))  # below threshold: no mask
+    assert composer.labels.tolist() == [[[2, 1, 0]]]
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -178,10 +238,10 @@ def toy_config(samples_dir, tmp_path_factory):
             {"name": "chaos", "root": ".", "modality": "MR", "include": ["chaos_t2spir_01"], "structures": ["liver", "spleen"]},
         ],
         "split": {"validation": ["chaos_t2spir_01"]},
-        "prompts": {"per_step": 2, "absent_prob": 0.0},
+        "prompts": {"max_prompts": 2},
         "training": {"steps": 4, "warmup_steps": 1, "lr": 1e-3, "checkpoint_every": 100, "validate_every": 2,
-                     "val_windows_per_case": 1, "seed": 3},
-        "augment": {"affine_prob": 0.0, "flip_lr_prob": 0.0, "erase_prob": 0.0, "contrast_prob": 0.0,
+                     "seed": 3},
+        "augment": {"affine_prob": 0.0, "erase_prob": 0.0, "contrast_prob": 0.0,
                     "brightness_prob": 0.0, "sharpen_prob": 0.0, "posterize_prob": 0.0},
     }
 
@@ -220,20 +280,62 @@ def test_training_steps_reduce_the_loss_on_a_real_case(toy_config, tmp_path):
     trained = train(_with(liver, tmp_path / "trained", steps=80, lr=3e-3, validate_every=40), device="cpu", progress=False)
     table = PromptTable(tmp_path / "cache" / PROMPT_TABLE)
     entries = [e for e in read_manifest(tmp_path / "cache")["cases"] if e["split"] == "train"]
-    window = validation_windows(CaseStore(tmp_path / "cache", entries), 32, per_case=1)[0]
-    assert window["keys"] == ["liver"]
-    loss_fn = DiceCELoss(sigmoid=True)
+    case = CaseStore(tmp_path / "cache", entries)[0]
+    assert case["structures"] == ["liver"]
+    image, label = crop_around(case["image"], case["label"], np.argwhere(case["label"] == 1).mean(axis=0), 32)
+    image = torch.from_numpy(image.astype(np.float32) / IMAGE_LEVELS)[None, None]
+    target = torch.from_numpy(label == 1)[None, None]
 
     def loss(run):
         model = load_model(run / "checkpoint", text_encoder=TableTextEncoder(table, 32))
         with torch.no_grad():
-            return float(loss_fn(model(window["image"], [table.phrasings(k)[0] for k in window["keys"]]), window["target"].float()))
+            return float(PromptLoss()(model(image, [table.phrasings("liver")[0]]), target))
 
     before, after = loss(start), loss(trained)
     assert after < 0.75 * before, (before, after)
     rows = _log(trained)
     assert [int(r["step"]) for r in rows] == list(range(1, 81)) and rows[39]["val_dice"] and rows[-1]["val_dice"]
     assert (trained / "curves.png").stat().st_size > 1000
+    # Validation segments the held-out MR case whole and scores the composed label map.
+    validation = json.loads((trained / "validation.json").read_text())
+    assert set(validation["per_case"]) == {"chaos_t2spir_01"} and set(validation["per_case"]["chaos_t2spir_01"]) == {"liver"}
+    assert validation["mean_dice"] == pytest.approx(float(rows[-1]["val_dice"]), abs=1e-4)
+
+
+def test_whole_volume_validation_scores_the_composed_label_map(toy_config, tmp_path):
+    from RefSAM3DLib.checkpoint import load_model
+
+    run = train(_with(toy_config, tmp_path / "run", steps=0), device="cpu", progress=False)
+    table = PromptTable(f"{toy_config['cache']}/{PROMPT_TABLE}")
+    model = load_model(run / "checkpoint", text_encoder=TableTextEncoder(table, 32))
+    store = CaseStore(toy_config["cache"], [e for e in read_manifest(toy_config["cache"])["cases"] if e["split"] == "validation"])
+    phrasings = {k: table.phrasings(k) for k in table.structures}
+    scores = validate_whole_volumes(model, store, phrasings, torch.device("cpu"))
+    assert model.training  # handed back as it came
+    assert set(scores["per_case"]["chaos_t2spir_01"]) == {"liver", "spleen"}
+    # Two prompts answered with the same mask: the label map gives each voxel to one of them,
+    # so they cannot both score well (the bundled v1 model's identical kidney masks).
+    same = validate_whole_volumes(_SameAnswer(model), store, {"liver": phrasings["liver"], "spleen": phrasings["liver"]}, torch.device("cpu"))
+    assert min(same["per_structure"].values()) < 0.05
+
+
+class _SameAnswer(torch.nn.Module):
+    """The toy model with every prompt replaced by the first: identical masks for all prompts."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def encode_prompts(self, texts):
+        return self.model.encode_prompts([texts[0]] * len(texts))
+
+    def encode_image(self, image):
+        return self.model.encode_image(image)
+
+    def decode(self, image, features, prompts):
+        logits = self.model.decode(image, features, prompts)
+        return logits[:, :1].expand_as(logits) + 50.0  # everything, for both prompts
 
 
 def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(toy_config, tmp_path):

@@ -9,9 +9,7 @@ import pytest
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.vocabulary import (
     STRUCTURES,
-    is_lateral_pair,
     lookup,
-    mirror,
     parse_prompts,
     training_phrasings,
 )
@@ -157,15 +155,3 @@ def test_codes_colours_and_laterality_are_consistent():
         side = {"7771000": "left", "24028007": "right"}.get(structure.modifier.value if structure.modifier else "")
         if side:
             assert side in structure.key.split("_") and side in structure.name.lower()
-
-
-def test_mirror_swaps_left_and_right():
-    left, right = lookup("kidney_left"), lookup("kidney_right")
-    assert mirror(left) is right and mirror(right) is left
-    assert mirror(lookup("rib_left_11")) is lookup("rib_right_11")
-    assert mirror(lookup("liver")) is lookup("liver")
-    assert mirror(lookup("lung_middle_lobe_right")) is None
-    assert is_lateral_pair(left) and is_lateral_pair(left, right)
-    assert not is_lateral_pair(left, left)
-    assert not is_lateral_pair(lookup("liver"))
-    assert not is_lateral_pair(lookup("lung_middle_lobe_right"))

@@ -10,10 +10,9 @@ raw data). Each case goes through the same :func:`preprocess.to_model_space` /
   along D (the slice axis, where resampling from thick slices makes neighbours predictable) and
   xz-compressed: 2-3x smaller than 8-bit deflate, which is what keeps the whole cache near 40 MB;
 * ``label`` uint8 (D, H, W): index i >= 1 is ``structures[i - 1]``;
-* ``structures``: vocabulary keys, the case's annotated structures, then their left/right mirrors
-  and the dataset's certainly-absent structures (both with no voxels, so a flip can rename them);
-* ``annotated`` bool (N + 1,): which indices are really annotated in this image (an unlabelled
-  mirror is unknown, not empty);
+* ``structures``: vocabulary keys, the case's annotated structures, then the dataset's
+  certainly-absent structures (no voxels: trained as empty targets);
+* ``annotated`` bool (N + 1,): which indices are known to be labelled or absent in this image;
 * ``case_id``, ``patient_id``, ``dataset``, ``modality``, ``spacing_mm``.
 
 ``manifest.json`` lists the cases with their split; a case is rebuilt only when its source or the
@@ -34,7 +33,7 @@ from ..errors import RefSAM3DError
 from .datasets import Case
 
 MANIFEST = "manifest.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Normalised intensity above which a voxel counts as body (CT: above -121 HU; MR: above noise).
 BODY_THRESHOLD = 0.01
 BODY_MARGIN_VOX = 2
@@ -61,7 +60,7 @@ def _case_key(case: Case, space: dict) -> str:
 
 def read_manifest(cache_dir: Path | str) -> dict | None:
     path = Path(cache_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def build_cache(cases: list[Case], splits: dict[str, str], model_config, cache_dir: Path | str,
@@ -108,8 +107,6 @@ def preprocess_case(case: Case, model_config, path: Path) -> list[str]:
     """Read, resample, normalise, crop and save one case; returns its annotated structure keys."""
     from ..io import read_volume
     from ..preprocess import IntensitySettings, labels_to_model_space, to_model_space
-    from ..vocabulary import STRUCTURES, mirror
-
     volume = read_volume(case.image_path, modality=case.modality)
     labels = read_volume(case.label_path)
     image, grid = to_model_space(volume, model_config.spacing_mm, IntensitySettings.from_config(model_config, case.modality))
@@ -117,13 +114,9 @@ def preprocess_case(case: Case, model_config, path: Path) -> list[str]:
 
     present = sorted(v for v in case.structures if np.any(label == v))
     keys = [case.structures[v] for v in present]
-    extra = [m.key for m in (mirror(STRUCTURES[k]) for k in keys) if m is not None and m.key not in keys]
-    extra += [k for k in case.absent if k not in keys and k not in extra]
-    extra += [m.key for m in (mirror(STRUCTURES[k]) for k in case.absent) if m is not None and m.key not in keys + extra]
-    structures = keys + list(dict.fromkeys(extra))
-    annotated = np.zeros(len(structures) + 1, dtype=bool)
-    annotated[1:len(keys) + 1] = True
-    annotated[[structures.index(k) + 1 for k in case.absent]] = True
+    structures = keys + [k for k in dict.fromkeys(case.absent) if k not in keys]
+    annotated = np.ones(len(structures) + 1, dtype=bool)
+    annotated[0] = False  # background
     if len(structures) > 255:
         raise RefSAM3DError(f"{case.case_id}: more than 255 structures; train on fewer with 'structures'")
     lut = np.zeros(256, dtype=np.uint8)
@@ -175,24 +168,13 @@ def _body_box(image: np.ndarray, label: np.ndarray) -> tuple[slice, ...]:
 def load_case(path: Path | str) -> dict:
     """One cached case: ``image`` uint8 (D, H, W) levels 0..``IMAGE_LEVELS`` (intensity = level /
     IMAGE_LEVELS), ``label`` uint8 (D, H, W),
-    ``structures`` list of keys, ``annotated`` bool (N + 1,), ``mirror_lut`` (256,) uint8 and the
-    identity fields."""
-    from ..vocabulary import STRUCTURES, mirror
-
+    ``structures`` list of keys, ``annotated`` bool (N + 1,) and the identity fields."""
     with np.load(path, allow_pickle=False) as data:
         case = {k: data[k] for k in data.files}
-    structures = [str(s) for s in case["structures"]]
-    index = {k: i + 1 for i, k in enumerate(structures)}
-    lut = np.zeros(256, dtype=np.uint8)
-    for key, i in index.items():
-        other = mirror(STRUCTURES[key])
-        # A one-sided structure without a counterpart has no correct name after a flip: background.
-        lut[i] = index.get(other.key, 0) if other is not None else 0
     return {
         "image": _unpack(case["image"], case["shape"]),
         "label": _unpack(case["label"], case["shape"]),
-        "structures": structures,
+        "structures": [str(s) for s in case["structures"]],
         "annotated": case["annotated"].astype(bool),
-        "mirror_lut": lut,
         **{k: str(case[k]) for k in ("case_id", "patient_id", "dataset", "modality")},
     }

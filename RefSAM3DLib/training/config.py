@@ -22,7 +22,7 @@ DEFAULTS = {
     "data_root": ".",
     "datasets": [],
     "split": {"validation": [], "validation_fraction": 0.0, "seed": 0},
-    "prompts": {"per_step": 4, "absent_prob": 0.25, "max_phrasings": 16},
+    "prompts": {"max_prompts": 16, "background_prob": 0.1, "max_phrasings": 16},
     "training": {
         "steps": 1000,  # an int, or "auto" (needs max_minutes: the horizon is set from measured speed)
         "batch_size": 1,
@@ -32,7 +32,6 @@ DEFAULTS = {
         "warmup_steps": 50,
         "checkpoint_every": 250,
         "validate_every": 250,
-        "val_windows_per_case": 2,
         "max_minutes": None,
         "seed": 0,
         "num_workers": 0,
@@ -58,7 +57,7 @@ def load_config(source: dict | str | Path) -> dict:
         path = Path(source)
         if not path.is_file():
             raise RefSAM3DError(f"training config {path} not found; give a YAML or JSON file (see configs/)")
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if path.suffix.lower() in (".yaml", ".yml"):
             try:
                 import yaml

@@ -153,7 +153,7 @@ def _read_folder(spec: dict, root: Path, base_dir: Path) -> list[dict]:
     labelmap_path = (base_dir / spec["labelmap"]).resolve() if spec.get("labelmap") else root / "labelmaps.json"
     if not labelmap_path.is_file():
         raise RefSAM3DError(f"dataset '{spec['name']}': label-map JSON {labelmap_path} not found; set 'labelmap'")
-    labelmaps = json.loads(labelmap_path.read_text())
+    labelmaps = json.loads(labelmap_path.read_text(encoding="utf-8"))
     rows = []
     for image in sorted(root.glob("*" + IMAGE_SUFFIX)):
         case_id = image.name[: -len(IMAGE_SUFFIX)]
@@ -212,7 +212,7 @@ def _modality_from_json(modality, channel: int) -> str | None:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise RefSAM3DError(f"{path} not found; point the dataset's 'root'/'json' at the folder that holds it")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _int_keys(table: dict) -> dict[int, str]:

@@ -1,4 +1,4 @@
-"""The training loop (paper section 4.1.2): AdamW, linear schedule with warm-up, Dice + CE per prompt.
+"""The training loop (paper section 4.1.2): AdamW, linear schedule with warm-up, BCE + Dice per prompt.
 
 ``train(config)`` prepares (or reuses) the cache and prompt table, builds the model with a
 :class:`~.prompts.TableTextEncoder` (no text-encoder weights needed), and trains only the
@@ -7,7 +7,7 @@ parameters that require gradients. Output folder:
 * ``checkpoint/`` -- the latest RefSAM3D checkpoint (``save_checkpoint``: trainable parameters as
   safetensors + ``config.json``) plus ``training_state.pt`` (optimizer, scheduler, step, RNG) for
   ``resume``; written every ``checkpoint_every`` steps, at the end, on Ctrl-C and on SIGTERM;
-* ``best/`` -- the checkpoint with the best quick validation Dice;
+* ``best/`` -- the checkpoint with the best whole-volume validation Dice (:mod:`.validation`);
 * ``log.csv`` (step, loss, lr, seconds, val_dice), ``curves.png``, ``validation.json``,
   ``config.json`` (the resolved config).
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import signal
@@ -35,9 +34,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..errors import RefSAM3DError
 from .cache import model_space, read_manifest
 from .config import load_config, model_config
+from .loss import PromptLoss
 from .prepare import PROMPT_TABLE, prepare
 from .prompts import PromptTable, TableTextEncoder
-from .windows import CaseStore, WindowDataset, collate, validation_windows
+from .validation import validate_whole_volumes
+from .windows import CaseStore, WindowDataset, collate
 
 STATE_FILE = "training_state.pt"
 LOG_FIELDS = ["step", "loss", "lr", "seconds", "val_dice"]
@@ -110,7 +111,6 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
         the output folder.
     """
     from ..checkpoint import build_untrained, load_model
-    from monai.losses import DiceCELoss
 
     cfg = load_config(config)
     t = cfg["training"]
@@ -186,7 +186,8 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
     dataset = WindowDataset(
         CaseStore(cache_dir, train_entries), phrasings, model.config.window_size_vox, model.config.spacing_mm[0],
         seed=t["seed"], length=(horizon - step) * samples_per_step, offset=step * samples_per_step,
-        case_weights=weights, per_step=cfg["prompts"]["per_step"], absent_prob=cfg["prompts"]["absent_prob"],
+        case_weights=weights, max_prompts=cfg["prompts"]["max_prompts"],
+        background_prob=cfg["prompts"]["background_prob"],
         augment=cfg["augment"],
     )
     loader = DataLoader(
@@ -194,9 +195,8 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
         sampler=DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True),
         persistent_workers=t["num_workers"] > 0, pin_memory=device.type == "cuda",
     )
-    val = validation_windows(CaseStore(cache_dir, val_entries), model.config.window_size_vox,
-                             t["val_windows_per_case"], t["seed"]) if main and val_entries else []
-    loss_fn = DiceCELoss(sigmoid=True)
+    val = CaseStore(cache_dir, val_entries) if main and val_entries else None
+    loss_fn = PromptLoss()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     log = _Log(out / "log.csv", resume_step=step if resume else None) if main else None
     stop = _StopFlag()
@@ -250,9 +250,11 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
                     if bar is not None:
                         bar.total = horizon
                 val_dice = None
-                if main and val and (step % t["validate_every"] == 0 or step == horizon):
-                    val_dice, per_structure = _validate(model, val, phrasings, device, autocast)
-                    (out / "validation.json").write_text(json.dumps({"step": step, "mean_dice": val_dice, **per_structure}, indent=1))
+                if main and val is not None and (step % t["validate_every"] == 0 or step == horizon):
+                    with autocast:
+                        scores = validate_whole_volumes(model, val, phrasings, device)
+                    val_dice = scores["mean_dice"]
+                    (out / "validation.json").write_text(json.dumps({"step": step, **scores}, indent=1))
                     if val_dice > best:
                         best = val_dice
                         save("best", val_dice)
@@ -301,26 +303,6 @@ def _fix_horizon(schedule: LinearWarmupDecay, step: int, step_times: list[float]
     return schedule.total
 
 
-@torch.no_grad()
-def _validate(model, windows: list[dict], phrasings: dict[str, list[str]], device, autocast) -> tuple[float, dict]:
-    """Mean Dice over (window, structure) pairs, prompting each structure by its name."""
-    from monai.metrics import compute_dice
-
-    model.eval()
-    scores: dict[str, list[float]] = {}
-    for w in windows:
-        with autocast:
-            logits = model(w["image"].to(device), [phrasings[k][0] for k in w["keys"]])
-        dice = compute_dice((logits.float() > 0).float(), w["target"].to(device).float(), include_background=True)
-        for key, value in zip(w["keys"], dice[0].tolist()):
-            if not math.isnan(value):
-                scores.setdefault(key, []).append(value)
-    model.train()
-    per_structure = {k: float(np.mean(v)) for k, v in sorted(scores.items())}
-    mean = float(np.mean([x for v in scores.values() for x in v])) if scores else 0.0
-    return mean, {"per_structure": per_structure}
-
-
 def _save_checkpoint_dir(model, directory: Path, metadata: dict, state: dict) -> None:
     """Write a complete checkpoint folder next to the old one, then swap: never half a checkpoint."""
     from ..checkpoint import save_checkpoint
@@ -359,7 +341,7 @@ class _Log:
 
 
 def _plot(out: Path) -> None:
-    """``curves.png``: training loss (raw and smoothed) and quick validation Dice against step."""
+    """``curves.png``: training loss (raw and smoothed) and whole-volume validation Dice against step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,11 +358,11 @@ def _plot(out: Path) -> None:
     ax_loss.plot(steps, loss, color="0.8", lw=0.5, label="loss")
     k = max(1, len(loss) // 50)
     ax_loss.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color="C0", label=f"mean of {k}")
-    ax_loss.set(xlabel="step", ylabel="Dice + CE loss", title="training loss")
+    ax_loss.set(xlabel="step", ylabel="BCE + Dice loss", title="training loss")
     ax_loss.legend()
     if val:
         ax_val.plot(*zip(*val), "o-", color="C1")
-    ax_val.set(xlabel="step", ylabel="Dice", ylim=(0, 1), title="quick validation Dice (windows)")
+    ax_val.set(xlabel="step", ylabel="mean Dice", ylim=(0, 1), title="validation Dice (whole volumes, one label map)")
     fig.tight_layout()
     tmp = out / "curves.tmp.png"
     fig.savefig(tmp, dpi=100)

@@ -5,10 +5,13 @@ and their phrasings all come from a generator seeded with both. A resumed run th
 exactly the samples the uninterrupted run would have seen, whatever the number of DataLoader
 workers, and distributed ranks simply take disjoint sample ids.
 
-Per sample, up to ``per_step`` structures present in the window are drawn (uniformly, so small
-organs train as often as the liver) and, with probability ``absent_prob``, one annotated
-structure that is not in the window (an empty target: the model must learn to answer "none").
-One encoder pass then trains all of them.
+Crop centres are class-balanced: a structure of the case is drawn uniformly (so the adrenal
+glands are visited as often as the liver), then a voxel of it; with probability
+``background_prob`` any voxel of the volume. Every annotated structure of the case is then
+trained in that window, present or absent (an empty target: the model must learn to answer
+"none"), because one encoder pass costs as much as ~100 prompt decodings and a left/right pair
+must meet in one step to learn its sides. ``max_prompts`` caps the count for richly labelled
+cases (a random subset, present structures first).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .augment import training_transforms, validation_window
+from .augment import crop_around, training_transforms
 from .cache import IMAGE_LEVELS, load_case
 
 # The word vocabulary.training_phrasings puts in its templates for the OTHER modality: a CT window
@@ -62,8 +65,8 @@ class WindowDataset(Dataset):
         length: number of sample ids served.
         offset: first sample id (a resumed run starts past the samples already trained on).
         case_weights: relative probability of drawing each case (default uniform).
-        per_step: structures present in the window to train per sample (at most).
-        absent_prob: probability of adding one annotated structure absent from the window.
+        max_prompts: structures trained per sample (at most).
+        background_prob: probability of a crop centred anywhere rather than on a structure.
         augment: overrides for ``augment.training_transforms``.
 
     Items: ``image`` (1, D, H, W) float32, ``target`` (P, D, H, W) uint8, ``texts`` (P phrasings),
@@ -71,8 +74,8 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, store: CaseStore, phrasings: dict[str, list[str]], window_size_vox: int, spacing_mm: float,
-                 seed: int, length: int, offset: int = 0, case_weights=None, per_step: int = 4,
-                 absent_prob: float = 0.25, augment: dict | None = None) -> None:
+                 seed: int, length: int, offset: int = 0, case_weights=None, max_prompts: int = 16,
+                 background_prob: float = 0.1, augment: dict | None = None) -> None:
         self.store = store
         self.phrasings = phrasings
         self.seed = int(seed)
@@ -80,8 +83,10 @@ class WindowDataset(Dataset):
         self.offset = int(offset)
         weights = np.ones(len(store)) if case_weights is None else np.asarray(case_weights, dtype=float)
         self.case_p = weights / weights.sum()
-        self.per_step = per_step
-        self.absent_prob = absent_prob
+        self.max_prompts = max_prompts
+        self.background_prob = background_prob
+        # Crop a margin larger than the window so rotations and shifts do not pull in padding.
+        self.crop_vox = int(np.ceil(window_size_vox * 1.25))
         self.transforms = training_transforms(window_size_vox, spacing_mm, IMAGE_LEVELS, augment)
 
     def __len__(self) -> int:
@@ -96,16 +101,14 @@ class WindowDataset(Dataset):
         rng = np.random.default_rng([self.seed, sample_id])
         case_index = int(rng.choice(len(self.store), p=self.case_p))
         case = self.store[case_index]
+        centre = crop_centre(case, rng, self.background_prob)
+        image, label = crop_around(case["image"], case["label"], centre, self.crop_vox)
         self.transforms.set_random_state(seed=int(rng.integers(2**31 - 1)))
-        window = self.transforms({
-            "image": case["image"][None], "label": case["label"][None],
-            "mirror_lut": case["mirror_lut"], "annotated": case["annotated"],
-        })[0]
+        window = self.transforms({"image": image[None], "label": label[None]})
         label = window["label"][0]
-        annotated = np.asarray(window["annotated"], dtype=bool)
-        # a flip can name a mirror structure that no dataset phrases (lung_left from lung_right)
+        annotated = case["annotated"].copy()
         annotated[1:] &= np.array([key in self.phrasings for key in case["structures"]], dtype=bool)
-        indices = choose_structures(label, annotated, rng, self.per_step, self.absent_prob)
+        indices = choose_structures(label, annotated, rng, self.max_prompts)
         keys = [case["structures"][i - 1] for i in indices]
         texts = [str(rng.choice(self._phrasings(k, case["modality"]))) for k in keys]
         target = torch.stack([label == i for i in indices]).to(torch.uint8)
@@ -113,21 +116,35 @@ class WindowDataset(Dataset):
                 "case_id": case["case_id"]}
 
 
+def crop_centre(case: dict, rng: np.random.Generator, background_prob: float) -> np.ndarray:
+    """A class-balanced crop centre (D, H, W): a voxel of a uniformly drawn labelled structure,
+    or with probability ``background_prob`` (or when nothing is labelled) any voxel."""
+    if "voxels" not in case:  # flat indices per label value, computed once per case
+        flat = case["label"].ravel()
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(flat.max() + 2))
+        case["voxels"] = {int(v): order[bounds[v]:bounds[v + 1]] for v in range(1, flat.max() + 1)
+                          if bounds[v + 1] > bounds[v]}
+    shape = case["label"].shape
+    if not case["voxels"] or rng.random() < background_prob:
+        return np.array([rng.integers(s) for s in shape])
+    voxels = case["voxels"][int(rng.choice(sorted(case["voxels"])))]
+    return np.array(np.unravel_index(int(voxels[rng.integers(len(voxels))]), shape))
+
+
 def choose_structures(label: torch.Tensor, annotated: np.ndarray, rng: np.random.Generator,
-                      per_step: int, absent_prob: float) -> list[int]:
-    """Label indices to train in one window: up to ``per_step`` present ones, maybe one absent.
+                      max_prompts: int) -> list[int]:
+    """Label indices to train in one window: every annotated one, present or absent, at most
+    ``max_prompts`` (then a random subset, present ones first).
 
     Only annotated indices are eligible: a structure this dataset does not label may be in the
     image, so it is never trained as empty.
     """
     present_all = set(torch.unique(label).tolist()) - {0}
     eligible = np.flatnonzero(annotated)
-    present = [int(i) for i in eligible if i in present_all]
-    absent = [int(i) for i in eligible if i not in present_all]
-    chosen = [int(i) for i in rng.permutation(present)[:per_step]] if present else []
-    if absent and (not chosen or rng.random() < absent_prob):
-        chosen.append(int(rng.choice(absent)))
-    return chosen
+    present = [int(i) for i in rng.permutation([i for i in eligible if i in present_all])]
+    absent = [int(i) for i in rng.permutation([i for i in eligible if i not in present_all])]
+    return sorted((present + absent)[:max_prompts])
 
 
 def collate(items: list[dict]) -> dict:
@@ -139,33 +156,3 @@ def collate(items: list[dict]) -> dict:
         "keys": [it["keys"] for it in items],
         "case_id": [it["case_id"] for it in items],
     }
-
-
-def validation_windows(store: CaseStore, window_size_vox: int, per_case: int, seed: int = 0) -> list[dict]:
-    """Fixed validation windows: per case, one centred on all its labels, then on random structures.
-
-    Returns:
-        dicts with ``image`` (1, 1, D, H, W) float32, ``target`` (1, P, D, H, W) uint8 for the
-        annotated structures present in the window, ``keys`` and ``case_id``.
-    """
-    rng = np.random.default_rng(seed)
-    windows = []
-    for index in range(len(store)):
-        case = store[index]
-        label = case["label"]
-        centres = [np.argwhere(label > 0).mean(axis=0)]
-        present = [i for i in np.unique(label) if i > 0 and case["annotated"][i]]
-        for i in rng.permutation(present)[: max(0, per_case - 1)]:
-            centres.append(np.argwhere(label == i).mean(axis=0))
-        for centre in centres:
-            image, lab = validation_window(case["image"], label, centre, window_size_vox)
-            inside = [int(i) for i in np.unique(lab) if i > 0 and case["annotated"][i]]
-            if not inside:
-                continue
-            windows.append({
-                "image": torch.from_numpy(image.astype(np.float32) / IMAGE_LEVELS)[None, None],
-                "target": torch.from_numpy(np.stack([lab == i for i in inside]).astype(np.uint8))[None],
-                "keys": [case["structures"][i - 1] for i in inside],
-                "case_id": case["case_id"],
-            })
-    return windows
