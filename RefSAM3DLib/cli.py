@@ -139,6 +139,33 @@ def overlay_path(overlay: str | None, input_path: Path, n_inputs: int) -> Path |
     return Path(overlay) / f"{case_stem(input_path)}.png"
 
 
+def plan_outputs(inputs: list[Path], output: str, file_format: str, overlay: str | None,
+                 overwrite: bool) -> list[tuple[Path, Path, Path | None]]:
+    """``(input, output, overlay PNG or None)`` per input, every file checked before any work.
+
+    Refused here, so that nothing is computed or written: two inputs that would write the same
+    file (``b1/ct.nii.gz`` and ``b2/ct.nii.gz``, or ``a.nii`` and ``a.nii.gz``, into one folder;
+    the later would silently replace the earlier), an output that is an input, an existing file
+    without --overwrite, a name ITK cannot take, and a folder that cannot be written.
+    """
+    from . import io
+
+    plan = [(path, target, overlay_path(overlay, path, len(inputs)))
+            for path, target in zip(inputs, output_paths(inputs, output, file_format))]
+    writer_of: dict[Path, int] = {}  # every file the run writes -> the plan entry writing it
+    for number, (input_path, output_path, png) in enumerate(plan):
+        for path in io.output_files(output_path) + ([png] if png else []):
+            io.check_output_path(path, overwrite, inputs)
+            other = writer_of.setdefault(path.resolve(), number)
+            if other != number:
+                raise RefSAM3DError(
+                    f"{io.display_name(plan[other][0])} and {io.display_name(input_path)} would both write "
+                    f"{io.display_name(path)}; give the inputs different names or segment them "
+                    "into separate --output folders."
+                )
+    return plan
+
+
 class ProgressReporter:
     """tqdm bar for people, or ``PROGRESS`` lines for the Slicer module reading our stdout."""
 
@@ -168,12 +195,7 @@ def run_segment(args) -> int:
     from .inference import resolve_device, segment
 
     inputs = expand_inputs(args.inputs)
-    outputs = output_paths(inputs, args.output, args.format)
-    for input_path, output_path in zip(inputs, outputs):
-        if output_path.resolve() == input_path.resolve():
-            raise RefSAM3DError(f"--output {output_path} is the input file; choose another name.")
-        if output_path.exists() and not args.overwrite:
-            raise RefSAM3DError(f"{output_path} exists; pass --overwrite to replace it or choose another --output.")
+    plan = plan_outputs(inputs, args.output, args.format, args.overlay, args.overwrite)
     device = resolve_device(args.device)
     if device.type == "cpu" and args.device == "auto" and not args.progress_lines:
         print("refsam3d: no CUDA GPU found, running on the CPU", file=sys.stderr)
@@ -188,7 +210,7 @@ def run_segment(args) -> int:
         failures.append((input_path, str(error)))
         print(f"refsam3d: {input_path}: {error}", file=sys.stderr)
 
-    for input_path, output_path in zip(inputs, outputs):
+    for input_path, output_path, png in plan:
         try:
             volume = io.read_volume(input_path, modality=args.modality, frame=args.frame)
         except RefSAM3DError as error:
@@ -208,7 +230,7 @@ def run_segment(args) -> int:
                 fill_holes=args.fill_holes,
                 progress=reporter,
             )
-            write_outputs(result, output_path, overlay_path(args.overlay, input_path, len(inputs)), args.overwrite)
+            write_outputs(result, output_path, png, args.overwrite)
         except (RefSAM3DError, OSError) as error:
             if isinstance(error, Cancelled):
                 raise

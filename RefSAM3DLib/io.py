@@ -17,6 +17,7 @@ import dataclasses
 import gzip
 import json
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -317,15 +318,74 @@ def write_result(result: LabelResult, path, overwrite: bool = False) -> list[Pat
     ``.seg.nrrd`` -> :func:`write_seg_nrrd`; ``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` ->
     :func:`write_labelmap` (label map + sidecar JSON).
     """
-    name = str(path).lower()
-    if name.endswith(SEG_NRRD_SUFFIX):
+    if len(output_files(path)) == 1:  # output_files refuses an unsupported suffix
         return [write_seg_nrrd(result, path, overwrite)]
+    return list(write_labelmap(result, path, overwrite))
+
+
+def output_files(path) -> list[Path]:
+    """Every file :func:`write_result` writes for ``path``, in write order (a sidecar JSON last).
+
+    Callers check them all before any work (:func:`check_output_path`), so that a run that
+    cannot write its outputs fails before inference and writes nothing.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(SEG_NRRD_SUFFIX):
+        return [path]
     if name.endswith(LABELMAP_SUFFIXES):
-        return list(write_labelmap(result, path, overwrite))
+        return [path, sidecar_path(path)]
     raise RefSAM3DError(
-        f"{Path(path).name}: unsupported output type; use {SEG_NRRD_SUFFIX} (Slicer segmentation) "
-        f"or a label map: {', '.join(LABELMAP_SUFFIXES)}."
+        f"{display_name(path)}: unsupported output type; use {SEG_NRRD_SUFFIX} (Slicer "
+        f"segmentation) or a label map: {', '.join(LABELMAP_SUFFIXES)}."
     )
+
+
+def check_output_path(path, overwrite: bool = False, inputs=()) -> None:
+    """Refuse an output that cannot or must not be written, before anything is computed.
+
+    Refused: a name that is not valid UTF-8 (ITK aborts the whole process on one), one of
+    ``inputs``, a folder, an existing file unless ``overwrite``, and a destination folder that
+    cannot be created or written to (probed with a temporary file, which also catches read-only
+    file systems and ACLs that permission bits do not show). Creates nothing.
+    """
+    path = Path(path)
+    check_file_name(path)
+    if any(path.resolve() == Path(p).resolve() for p in inputs if p):
+        raise RefSAM3DError(f"{path}: this is the input file; choose another output name.")
+    if path.is_dir():
+        raise RefSAM3DError(f"{path}: is a folder; give an output file name.")
+    if path.exists() and not overwrite:
+        raise RefSAM3DError(
+            f"{path}: already exists; choose another name or allow overwriting (--overwrite)."
+        )
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folder is created when writing
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RefSAM3DError(f"Cannot write {path}: {folder} is a file, not a folder; choose "
+                            "another output folder.")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise RefSAM3DError(f"Cannot write {path}: {folder} is not writable "
+                            f"({error.strerror or error}); choose a writable output folder.") from None
+
+
+def check_file_name(path) -> None:
+    """Refuse a file name that is not valid UTF-8: SimpleITK aborts the process (no exception)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RefSAM3DError(
+            f"{display_name(path)}: the file name is not valid UTF-8; rename the file or folder."
+        ) from None
+
+
+def display_name(path) -> str:
+    """``path`` printable whatever bytes its name holds (undecodable bytes shown as \\xNN)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def sidecar_path(labelmap_path) -> Path:
@@ -347,16 +407,19 @@ def write_labelmap(result: LabelResult, path, overwrite: bool = False) -> tuple[
     json_path = sidecar_path(path)
     _check_segments(result)
     for target in (path, json_path):
-        _check_output(target, result.reference, overwrite)
+        check_output_path(target, overwrite, [result.reference.metadata.get("path")])
     labels, overlap_warnings = _label_array(result)
     image = sitk_from_array(labels, result.reference.ijk_to_ras)
     sidecar = _sidecar(result, path, overlap_warnings)
-    with atomic_write(path) as image_temporary, atomic_write(json_path) as json_temporary:
+    # The JSON marks a complete pair: the old one goes first, the new one comes last, so a run
+    # killed in between leaves a label map without JSON, never a JSON describing another image.
+    with atomic_write(json_path) as json_temporary, atomic_write(path) as image_temporary:
         try:
             sitk.WriteImage(image, str(image_temporary), useCompression=True)
         except RuntimeError as error:
             raise RefSAM3DError(f"Cannot write {path}: {_itk_reason(error)}.") from None
         json_temporary.write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
+        json_path.unlink(missing_ok=True)
     return path, json_path
 
 
@@ -372,7 +435,7 @@ def write_seg_nrrd(result: LabelResult, path, overwrite: bool = False) -> Path:
 
     path = Path(path)
     _check_segments(result)
-    _check_output(path, result.reference, overwrite)
+    check_output_path(path, overwrite, [result.reference.metadata.get("path")])
     reference = result.reference
     shape_ijk = tuple(reversed(reference.shape_kji))
     segmentation = slicerio.create_segmentation(shape_ijk, LPS_TO_RAS @ reference.ijk_to_ras)
@@ -452,18 +515,6 @@ def read_seg_nrrd(path, reference: Volume) -> LabelResult:
 def tag_value(text: str) -> str:
     # '|' separates Slicer segment tags and a newline would end the NRRD header field.
     return " ".join(text.replace("|", "/").split())
-
-
-def _check_output(path: Path, reference: Volume, overwrite: bool) -> None:
-    input_path = reference.metadata.get("path")
-    if input_path and path.resolve() == Path(input_path).resolve():
-        raise RefSAM3DError(f"{path}: this is the input file; choose another output name.")
-    if path.is_dir():
-        raise RefSAM3DError(f"{path}: is a folder; give an output file name.")
-    if path.exists() and not overwrite:
-        raise RefSAM3DError(
-            f"{path}: already exists; choose another name or allow overwriting (--overwrite)."
-        )
 
 
 def _check_segments(result: LabelResult) -> None:

@@ -1,6 +1,7 @@
 """The ``refsam3d`` command: outputs, batch behaviour, and one clear line for each kind of bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,63 @@ def test_train_options_reach_the_training_entry_point(capsys):
         main(["train", "--help"])
     assert stop.value.code == 0
     assert "--max-minutes" in capsys.readouterr().out
+
+
+# ---- issue 13: nothing lost, nothing written before every output is known to be writable ----
+
+
+@pytest.fixture()
+def no_inference(monkeypatch):
+    """Fail the test if inference starts: these runs must stop at the output checks."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inference started although an output check must fail first")
+
+    monkeypatch.setattr("RefSAM3DLib.inference.segment", refuse)
+
+
+@pytest.mark.parametrize("layout", ["same name in two folders", "a.nii and a.nii.gz", "same input twice"])
+def test_batch_outputs_that_would_collide_are_refused_before_any_work(layout, model_dir, small_ct, tmp_path,
+                                                                     capsys, no_inference):
+    if layout == "same name in two folders":
+        inputs = [tmp_path / "b1" / "ct.nii.gz", tmp_path / "b2" / "ct.nii.gz"]
+    elif layout == "a.nii and a.nii.gz":
+        inputs = [tmp_path / "in" / "a.nii", tmp_path / "in" / "a.nii.gz"]
+    else:
+        inputs = [tmp_path / "in" / "ct.nii.gz"] * 2
+    for path in inputs:
+        path.parent.mkdir(exist_ok=True)
+        sitk.WriteImage(sitk.ReadImage(str(small_ct)), str(path))
+    arguments = [str(inputs[0].parent)] if layout == "a.nii and a.nii.gz" else [str(p) for p in inputs]
+    results = tmp_path / "results"
+    code, out, err = run(["segment", *arguments, "-p", "liver", "--model", str(model_dir), "-o", str(results),
+                          "--overwrite"], capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("refsam3d: error:")]
+    expected = results / ("a.nii.gz" if layout == "a.nii and a.nii.gz" else "ct.nii.gz")
+    assert f"would both write {expected}" in line
+    assert not results.exists()
+
+
+OUTPUT_PROBLEMS = {
+    # name: (make the problem in tmp_path -> (output, overlay or None), word the error must contain)
+    "existing overlay": (lambda d: (d / "o.nii.gz", (d / "o.png").write_bytes(b"old png") and d / "o.png"), "o.png"),
+    "existing sidecar JSON": (lambda d: ((d / "o.json").write_text("{}") and d / "o.nii.gz", None), "o.json"),
+    # procfs takes no new files, not even from root (chmod does not stop root in CI containers)
+    "read-only folder": (lambda d: (Path("/proc/self/o.nii.gz"), None), "not writable"),
+    "non-UTF-8 output name": (lambda d: (d / os.fsdecode(b"o\xff.nii.gz"), None), "utf-8"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(OUTPUT_PROBLEMS))
+def test_every_output_is_checked_before_inference_and_nothing_is_written(problem, model_dir, small_ct, tmp_path,
+                                                                        capsys, no_inference):
+    make, word = OUTPUT_PROBLEMS[problem]
+    output, overlay = make(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    args = ["segment", str(small_ct), "-p", "liver", "--model", str(model_dir), "-o", str(output)]
+    code, _, err = run(args + (["--overlay", str(overlay)] if overlay else []), capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("refsam3d: error:")]
+    assert word in line.lower() or word in line, line
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing changed

@@ -1,7 +1,10 @@
 """Reading every supported input, refusing bad ones, and writing outputs onto the input's voxels."""
 
 import json
+import os
 import struct
+import time
+from pathlib import Path
 
 import nrrd
 import numpy as np
@@ -412,3 +415,47 @@ def test_seg_nrrd_is_read_by_slicer_segmentation_storage_node(small_result, tmp_
         voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
         mask = voxels.reshape(small_result.reference.shape_kji) == segment.GetLabelValue()
         np.testing.assert_array_equal(mask, expected.mask > 0)
+
+
+# ---- issue 13: the label map and its JSON as a pair; no leftovers of killed writers ------------
+
+
+def test_labelmap_pair_is_written_image_first_and_json_last(small_result, tmp_path, monkeypatch):
+    """A writer killed between the two renames must not leave a new JSON beside the old image."""
+    image, sidecar = tmp_path / "case.nii.gz", tmp_path / "case.json"
+    image.write_bytes(b"old image")
+    sidecar.write_text('{"old": true}')
+    real_replace, renamed = os.replace, []
+
+    def killed_after_first_rename(source, destination):
+        if renamed:
+            raise KeyboardInterrupt  # the process dies here
+        renamed.append(Path(destination).name)
+        real_replace(source, destination)
+
+    monkeypatch.setattr("RefSAM3DLib.atomic.os.replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_labelmap(small_result, image, overwrite=True)
+    assert renamed == ["case.nii.gz"]
+    assert not sidecar.exists()  # the old JSON no longer claims to describe the image
+    assert sitk.ReadImage(str(image)).GetSize() == small_result.reference.shape_kji[::-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]  # no partial left either
+
+    monkeypatch.setattr("RefSAM3DLib.atomic.os.replace", real_replace)
+    write_labelmap(small_result, image, overwrite=True)
+    assert json.loads(sidecar.read_text())["labelmap"] == "case.nii.gz"
+
+
+def test_stale_partials_of_a_killed_writer_are_removed(small_result, tmp_path):
+    hour_ago = time.time() - 3600
+    stale = [tmp_path / ".case.0123abcd.partial.nii.gz", tmp_path / ".case.4567cdef.partial.json"]
+    kept = [tmp_path / ".case.89abcdef.partial.nii.gz",  # fresh: a writer still at work
+            tmp_path / ".other.0123abcd.partial.nii.gz",  # another output's
+            tmp_path / ".case.notours.partial.nii.gz"]  # not a name atomic_write makes
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    for path in stale + kept[1:]:
+        os.utime(path, (hour_ago, hour_ago))
+    write_labelmap(small_result, tmp_path / "case.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["case.nii.gz", "case.json"] + [p.name for p in kept])
