@@ -459,3 +459,32 @@ def test_stale_partials_of_a_killed_writer_are_removed(small_result, tmp_path):
     write_labelmap(small_result, tmp_path / "case.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["case.nii.gz", "case.json"] + [p.name for p in kept])
+
+
+# ---- issue 13: segment names in any language survive into .seg.nrrd (Slicer stores UTF-8) -----
+
+
+@pytest.mark.parametrize("prompt, name", [
+    ("pancréas", "pancréas"),
+    ("肝臓", "肝臓"),
+    ("le\u200bfoie", "le\u200bfoie"),  # a zero-width space pasted with the text
+    ("Niere |\nlinks\x07", "Niere | links"),  # a newline would end the header line; a bell is no text
+])
+def test_non_ascii_segment_names_survive_into_seg_nrrd(prompt, name, small_result, tmp_path):
+    import slicer
+
+    small_result.segments[1] = Segment(prompt, None, small_result.segments[1].mask)
+    small_result.model_name, small_result.model_version = "modèle\nx", "β 2"
+    path = write_seg_nrrd(small_result, tmp_path / "case.seg.nrrd")
+
+    back = read_seg_nrrd(path, small_result.reference)
+    assert [s.name for s in back.segments] == ["Liver", name.replace("|", "/")]  # named by the prompt tag
+    assert (back.model_name, back.model_version) == ("modèle x", "β 2")
+    np.testing.assert_array_equal(back.segments[1].mask, small_result.segments[1].mask)
+
+    scene = slicer.vtkMRMLScene()  # Slicer's own reader shows the name as typed
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    assert node.GetSegmentation().GetNthSegment(1).GetName() == name
