@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", help="auto, cpu or cuda")
     seg.add_argument("--modality", choices=["CT", "MR"], help="input modality (default: guessed from intensities)")
     seg.add_argument("--frame", type=int, help="frame to use from a 4D image")
-    seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
+    seg.add_argument("--series-uid", help="series to use from a DICOM folder holding several")
+    seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 0.9] (default 0.25)")
     seg.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     seg.add_argument("--fill-holes", action="store_true", help="fill enclosed holes")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -192,8 +193,9 @@ class ProgressReporter:
 def run_segment(args) -> int:
     from . import io
     from .checkpoint import load_model
-    from .inference import resolve_device, segment
+    from .inference import check_overlap, resolve_device, segment
 
+    check_overlap(args.overlap)
     inputs = expand_inputs(args.inputs)
     plan = plan_outputs(inputs, args.output, args.format, args.overlay, args.overwrite)
     device = resolve_device(args.device)
@@ -212,7 +214,7 @@ def run_segment(args) -> int:
 
     for input_path, output_path, png in plan:
         try:
-            volume = io.read_volume(input_path, modality=args.modality, frame=args.frame)
+            volume = io.read_volume(input_path, modality=args.modality, frame=args.frame, series_uid=args.series_uid)
         except RefSAM3DError as error:
             fail(input_path, error)
             continue

@@ -97,15 +97,17 @@ def segment_command(
     """The ``python -m RefSAM3DLib.cli segment ...`` command line for one volume."""
     if not prompts or not any(p.strip() for p in prompts):
         raise RefSAM3DError("No prompt given: type at least one structure name, e.g. 'liver'.")
+    # --option=value throughout: a value starting with '-' ("-liver", a path) is never taken for an
+    # option of its own.
     command = [python or sys.executable, "-m", "RefSAM3DLib.cli", "segment", str(input_path)]
     for prompt in prompts:
         if prompt.strip():
-            command += ["--prompt", prompt.strip()]
-    command += ["--output", str(output_path), "--device", device, "--overlap", str(overlap), "--progress-lines"]
+            command.append(f"--prompt={prompt.strip()}")
+    command += [f"--output={output_path}", f"--device={device}", f"--overlap={overlap}", "--progress-lines"]
     if model:
-        command += ["--model", str(model)]
+        command.append(f"--model={model}")
     if modality:
-        command += ["--modality", modality]
+        command.append(f"--modality={modality}")
     if largest_component:
         command.append("--largest-component")
     if fill_holes:
@@ -258,7 +260,7 @@ class SegmentationJob:
         python: the interpreter that runs the CLI (default: this one). In Slicer: ``PythonSlicer``.
         base_env: environment to start from (default: ``os.environ``). In Slicer: its startup environment.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        overlap: sliding-window overlap in [0, 1); higher is slower and smoother.
+        overlap: sliding-window overlap in [0, 0.9]; higher is slower and smoother.
         model: bundled model name or checkpoint folder; ``None`` for the bundled default.
         largest_component: keep each structure's largest connected component.
         fill_holes: fill enclosed holes in each structure.

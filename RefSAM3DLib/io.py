@@ -163,8 +163,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
         if len(series_uids) > 1:
             raise RefSAM3DError(
                 f"{folder}: {len(series_uids)} DICOM series in one folder "
-                f"({', '.join(series_uids)}); move each series to its own folder, or pass "
-                "series_uid=... to read_volume."
+                f"({', '.join(series_uids)}); choose one with --series-uid UID (series_uid= in "
+                "Python), or move each series to its own folder."
             )
         series_uid = series_uids[0]
     elif series_uid not in series_uids:

@@ -218,3 +218,29 @@ def test_every_output_is_checked_before_inference_and_nothing_is_written(problem
     (line,) = [line for line in err.splitlines() if line.startswith("refsam3d: error:")]
     assert word in line.lower() or word in line, line
     assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing changed
+
+
+@pytest.mark.parametrize("overlap", ["0.99", "-0.1", "nan"])
+def test_absurd_overlap_is_refused_before_any_work(overlap, model_dir, small_ct, tmp_path, capsys, no_inference):
+    code, _, err = run(["segment", str(small_ct), "-p", "liver", "--model", str(model_dir), "-o",
+                        str(tmp_path / "o.nii.gz"), f"--overlap={overlap}"], capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("refsam3d: error:")]
+    assert "overlap" in line.lower() and "0.9" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dicom_folder_with_two_series_names_the_option_that_chooses_one(model_dir, small_ct, tmp_path, capsys,
+                                                                        make_dicom_series):
+    image = sitk.Cast(sitk.ReadImage(str(small_ct)), sitk.sitkInt16)
+    folder = make_dicom_series(image, tmp_path / "dicom", series_uid="1.2.826.0.1.3680043.2.1125.9.1")
+    second = make_dicom_series(image[:, :, :20], tmp_path / "second", series_uid="1.2.826.0.1.3680043.2.1125.9.2")
+    for path in second.iterdir():
+        path.rename(folder / f"second_{path.name}")
+    base = ["segment", str(folder), "-p", "liver", "--model", str(model_dir)]
+    code, _, err = run(base + ["-o", str(tmp_path / "a.nii.gz")], capsys)
+    assert code == 2 and "--series-uid" in err
+    code, _, err = run(base + ["-o", str(tmp_path / "b.nii.gz"), "--series-uid", "1.2.826.0.1.3680043.2.1125.9.2"],
+                       capsys)
+    assert code == 0, err
+    assert sitk.ReadImage(str(tmp_path / "b.nii.gz")).GetSize() == (image.GetWidth(), image.GetHeight(), 20)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from RefSAM3DLib.cli import build_parser
 from RefSAM3DLib.cli_process import ChildProcess, SegmentationJob, library_environment, parse_line, segment_command
 from RefSAM3DLib.errors import Cancelled, RefSAM3DError
 from RefSAM3DLib.geometry import volume_from_sitk
@@ -39,13 +40,16 @@ def test_progress_done_and_other_lines_are_told_apart():
 
 
 def test_command_carries_every_option_and_refuses_empty_prompts():
-    command = segment_command("in.nrrd", ["liver", " spleen ", ""], "out.seg.nrrd", python="py", device="cpu",
-                              overlap=0.5, model="/models/m", modality="CT", largest_component=True, fill_holes=True)
-    assert command[:5] == ["py", "-m", "RefSAM3DLib.cli", "segment", "in.nrrd"]
-    text = " ".join(command)
-    for part in ("--prompt liver --prompt spleen --output", "--device cpu", "--overlap 0.5", "--progress-lines",
-                 "--model /models/m", "--modality CT", "--largest-component", "--fill-holes"):
-        assert part in text
+    # A prompt or model folder starting with '-' must reach the CLI as a value, not as an option.
+    command = segment_command("in.nrrd", ["liver", " spleen ", "", "-kidney", "--help"], "out.seg.nrrd", python="py",
+                              device="cpu", overlap=0.5, model="-models/m", modality="CT", largest_component=True,
+                              fill_holes=True)
+    assert command[:3] == ["py", "-m", "RefSAM3DLib.cli"]
+    args = build_parser().parse_args(command[3:])  # the child's own parser
+    assert (args.command, args.inputs, args.output) == ("segment", ["in.nrrd"], "out.seg.nrrd")
+    assert args.prompt == ["liver", "spleen", "-kidney", "--help"]
+    assert (args.device, args.overlap, args.model, args.modality) == ("cpu", 0.5, "-models/m", "CT")
+    assert args.progress_lines and args.largest_component and args.fill_holes
     with pytest.raises(RefSAM3DError, match="prompt"):
         segment_command("in.nrrd", [" ", ""], "out.seg.nrrd")
 
