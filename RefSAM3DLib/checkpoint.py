@@ -350,20 +350,94 @@ def save_checkpoint(model: RefSAM3D, directory: "str | Path", metadata: dict | N
     return directory
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Ours are a few kB; a bigger config.json is not one (and would be read whole)."""
+MAX_PARAMETERS = 2_000_000_000
+"""8 GB of float32 weights; vit_b has 0.16 G. A config describing more is refused before building."""
+
+# config.json fields: name -> (JSON types allowed, what to write); only model_config, weights_sha256
+# and format are required (older checkpoints lack the rest).
+_RECORD_FIELDS = {
+    "format": ((str,), "a string"),
+    "format_version": ((int,), "an integer"),
+    "refsam3d_version": ((str,), "a string"),
+    "model_config": ((dict,), "an object"),
+    "weights_file": ((str,), "a file name"),
+    "weights_sha256": ((str,), "a hex string"),
+    "trainable_parameters": ((int,), "an integer"),
+    "base_weights_sha256": ((dict,), "an object"),
+    "metadata": ((dict,), "an object"),
+}
+
+
 def read_checkpoint_record(directory: "str | Path") -> dict:
-    """The parsed ``config.json`` of a checkpoint directory (checked for format)."""
+    """The parsed ``config.json`` of a checkpoint directory, every field type-checked.
+
+    A model folder may come from anywhere: each wrong field is one clear error here, before
+    anything is built or loaded (the model config's own fields: ``ModelConfig.from_dict``).
+    """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise RefSAM3DError(f"{directory} is not a RefSAM3D model folder (no {CONFIG_FILE}); give the folder holding config.json and model.safetensors.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise RefSAM3DError(f"{path} is {path.stat().st_size:,} bytes, not a RefSAM3D config (a few kB); restore the model folder.")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RefSAM3DError(f"{path} is not valid JSON ({error}); restore the model folder.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: [[[[...]]]]
+        raise RefSAM3DError(f"{path} is not valid JSON ({str(error)[:80] or 'nested too deeply'}); restore the model folder.") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise RefSAM3DError(f"{path} is not a RefSAM3D checkpoint config (format {record.get('format') if isinstance(record, dict) else None!r}).")
+    problems = [f"{name} is missing" for name in ("model_config", "weights_sha256") if name not in record]
+    problems += [f"{name} must be {wanted}, not {type(record[name]).__name__}"
+                 for name, (types, wanted) in _RECORD_FIELDS.items()
+                 if name in record and (not isinstance(record[name], types) or isinstance(record[name], bool))]
+    name = record.get("weights_file", WEIGHTS_FILE)
+    if isinstance(name, str) and (name in ("", ".", "..") or Path(name).name != name or "\\" in name):
+        problems.append(f"weights_file {name!r} must be a file name inside the model folder")
+    for key, types in (("name", (str,)), ("version", (str, int, float)), ("step", (int,)), ("structures", (list,))):
+        value = record.get("metadata", {}).get(key) if isinstance(record.get("metadata"), dict) else None
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            problems.append(f"metadata.{key} has the wrong type ({type(value).__name__})")
+    if problems:
+        raise RefSAM3DError(f"{path} is damaged: " + "; ".join(problems) + "; restore the model folder.")
     if record.get("format_version", 0) > FORMAT_VERSION:
         raise RefSAM3DError(f"{path} needs a newer refsam3d (format {record['format_version']}); upgrade refsam3d.")
     return record
+
+
+def check_weights_fit(config: ModelConfig, weights_path: Path) -> None:
+    """Refuse a config too big to build, or weights whose names and shapes do not fit it.
+
+    Both are known without allocating anything: the network is built on PyTorch's ``meta``
+    device (shapes only; the frozen text encoder stands in as an empty module of the same width)
+    and the safetensors header lists every tensor's shape.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .model.text_encoder import TextEncoder
+
+    with torch.device("meta"):
+        skeleton = build_model(config, text_encoder=TextEncoder(config.text_dim, config.text_context_length))
+    count = sum(p.numel() for p in skeleton.parameters())
+    if count > MAX_PARAMETERS:
+        raise RefSAM3DError(
+            f"Model config {config.name!r} describes {count / 1e9:.1f} G parameters ({count * 4 / 2**30:.0f} GiB); "
+            f"refsam3d builds at most {MAX_PARAMETERS / 1e9:.0f} G: the config is damaged, restore the model folder."
+        )
+    expected = {name: tuple(t.shape) for name, t in skeleton.trainable_state_dict().items()}
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise RefSAM3DError(f"Cannot read {weights_path.name} ({str(error)[:120]}); the file is corrupt or truncated -- restore or re-download it.") from None
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(found) if expected[name] != found[name])
+    if missing or unexpected or wrong:
+        shapes = [f"{name} {list(found[name])} (config: {list(expected[name])})" for name in wrong[:3]]
+        raise RefSAM3DError(
+            f"{weights_path.name} does not fit config {config.name!r}: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shapes {shapes}; restore the model folder."
+        )
 
 
 def load_model(
@@ -395,6 +469,8 @@ def load_model(
         directory = Path(name_or_path)
         if not directory.is_dir():
             raise RefSAM3DError(f"Model folder {directory} does not exist; give a folder with config.json and model.safetensors.")
+    # Order matters: the record's types, the config's types and ranges, the weights' hash, then
+    # their shapes against the config, all before anything is allocated or built.
     record = read_checkpoint_record(directory)
     config = get_config(ModelConfig.from_dict(record["model_config"]))
     weights_path = directory / record.get("weights_file", WEIGHTS_FILE)
@@ -402,6 +478,7 @@ def load_model(
         raise RefSAM3DError(f"{weights_path} is missing; restore the model folder.")
     if weights.sha256_file(weights_path) != record.get("weights_sha256"):
         raise RefSAM3DError(f"{weights_path} does not match the SHA-256 in {CONFIG_FILE} (corrupt or modified); restore the model folder.")
+    check_weights_fit(config, weights_path)
     tensors = read_safetensors(weights_path)
 
     model = build_untrained(config, sam_checkpoint, clip_checkpoint, text_encoder)
@@ -412,12 +489,6 @@ def load_model(
                 f"Base weights {name!r} differ from those this model was trained on "
                 f"(SHA-256 {actual[:12]}... vs {recorded[:12]}...); use the original base weights file."
             )
-    expected = set(model.trainable_state_dict())
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise RefSAM3DError(
-            f"{weights_path.name} does not fit config {config.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}."
-        )
     try:
         model.load_state_dict(tensors, strict=False)
         model.to(device)

@@ -187,3 +187,59 @@ def test_small_model_round_trip_records_minilm_weights(tmp_path):
     for name, tensor in model.trainable_state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     shutil.rmtree(folder)
+
+
+# ---- issue 13: a hostile or broken config.json is one clear error before anything is built ----
+
+
+def _huge_but_every_size_in_range(config):
+    config.update(depth=128, embed_dim=4096, num_heads=64)  # each size in range, together 25 G parameters
+
+
+HOSTILE_RECORDS = {
+    # case: (change to the parsed config.json, word the error names)
+    "format_version as text": (lambda r, d: r.update(format_version="2"), "format_version"),
+    "model_config null": (lambda r, d: r.update(model_config=None), "model_config"),
+    "patch_size as text": (lambda r, d: r["model_config"].update(patch_size="8"), "patch_size"),
+    "metadata a string": (lambda r, d: r.update(metadata="hello"), "metadata"),
+    "metadata.name a list": (lambda r, d: r["metadata"].update(name=["a"]), "metadata.name"),
+    "spacing nested": (lambda r, d: r["model_config"].update(spacing_mm=[[[3.0]]] * 3), "spacing_mm"),
+    "embed_dim 6e12": (lambda r, d: r["model_config"].update(embed_dim=6e12), "embed_dim"),
+    "depth 10 million": (lambda r, d: r["model_config"].update(depth=10_000_000), "depth"),
+    "num_heads 0": (lambda r, d: r["model_config"].update(num_heads=0), "num_heads"),
+    "sizes in range, 25 G parameters together": (lambda r, d: _huge_but_every_size_in_range(r["model_config"]),
+                                                 "parameters"),
+    "weights of another width": (lambda r, d: r["model_config"].update(embed_dim=96), "does not fit"),
+    "absolute weights_file": (lambda r, d: r.update(weights_file=str(d.parent / "elsewhere.safetensors")),
+                              "weights_file"),
+    "escaping weights_file": (lambda r, d: r.update(weights_file="../elsewhere.safetensors"), "weights_file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_RECORDS))
+def test_hostile_config_is_refused_before_the_model_is_built(case, untrained_model_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(untrained_model_dir, folder)
+    shutil.copy(folder / "model.safetensors", tmp_path / "elsewhere.safetensors")  # a file outside, hash valid
+    record = json.loads((folder / "config.json").read_text())
+    change, word = HOSTILE_RECORDS[case]
+    change(record, folder)
+    (folder / "config.json").write_text(json.dumps(record))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the config and weights were checked")
+
+    monkeypatch.setattr(checkpoint, "build_untrained", no_build)
+    with pytest.raises(RefSAM3DError, match=word) as error:
+        load_model(folder)
+    assert "\n" not in str(error.value)
+
+
+def test_deeply_nested_config_json_is_a_clear_error(untrained_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(untrained_model_dir, folder)
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(text.replace('"metadata": {', '"deep": ' + "[" * 100_000 + "]" * 100_000
+                                                     + ', "metadata": {', 1))
+    with pytest.raises(RefSAM3DError, match="config.json is not valid JSON"):
+        load_model(folder)

@@ -114,8 +114,10 @@ class ModelConfig:
         return int(round(math.log2(self.patch_size)))
 
     def validate(self) -> None:
-        """Raise RefSAM3DError when the numbers cannot form a network."""
-        problems = []
+        """Raise RefSAM3DError when the numbers cannot form a network, or one of a sane size."""
+        problems = self._range_problems()
+        if problems:  # the checks below divide by these numbers
+            raise RefSAM3DError(f"Invalid model config {self.name!r}: " + "; ".join(problems) + ".")
         if 2 ** self.num_upsample != self.patch_size:
             problems.append(f"patch_size {self.patch_size} is not a power of two")
         if self.window_size_vox % self.patch_size:
@@ -136,21 +138,89 @@ class ModelConfig:
         if problems:
             raise RefSAM3DError(f"Invalid model config {self.name!r}: " + "; ".join(problems) + ".")
 
+    def _range_problems(self) -> list[str]:
+        problems = [f"{name} {getattr(self, name)} is outside {low}..{high}"
+                    for name, (low, high) in _LIMITS.items() if not low <= getattr(self, name) <= high]
+        items = dict(_ITEM_LIMITS, global_attn_indexes=(0, self.depth - 1), stage_indexes=(0, self.depth - 1))
+        problems += [f"{name} {list(getattr(self, name))} has values outside {low}..{high}"
+                     for name, (low, high) in items.items()
+                     if not all(low <= value <= high for value in getattr(self, name))]
+        for name in ("ct_window_hu", "mr_percentiles"):
+            if getattr(self, name)[0] >= getattr(self, name)[1]:
+                problems.append(f"{name} {list(getattr(self, name))} must rise (low, high)")
+        for key, value in self.clip_text.items():
+            if key not in _CLIP_TEXT_LIMITS:
+                problems.append(f"clip_text has unknown field {key!r} (known: {', '.join(_CLIP_TEXT_LIMITS)})")
+            elif not _CLIP_TEXT_LIMITS[key][0] <= value <= _CLIP_TEXT_LIMITS[key][1]:
+                problems.append(f"clip_text {key} {value} is outside {_CLIP_TEXT_LIMITS[key][0]}..{_CLIP_TEXT_LIMITS[key][1]}")
+        return problems
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """A config from its JSON form (a checkpoint's ``model_config``), every field type-checked.
+
+        A checkpoint folder may come from anywhere: a wrong type must be one clear error here,
+        not a traceback from deep inside the network builder (call ``validate`` for the ranges).
+        """
+        if not isinstance(data, dict):
+            raise RefSAM3DError(f"Model config must be a JSON object, not {type(data).__name__}; restore the model folder.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
             raise RefSAM3DError(f"Model config has unknown fields {unknown}; upgrade refsam3d to read this checkpoint.")
-        values = dict(data)
-        for key in ("spacing_mm", "ct_window_hu", "mr_percentiles", "global_attn_indexes",
-                    "stage_indexes", "upsample_channels", "stem_channels"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
+        missing = sorted(name for name, f in fields.items() if name not in data
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        problems = [f"{name} is missing" for name in missing]
+        problems += [problem for name, value in data.items() if (problem := _type_problem(name, value, fields[name].type))]
+        if problems:
+            raise RefSAM3DError("Invalid model config: " + "; ".join(problems) + "; restore the model folder.")
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
+
+
+# Sizes beyond these are a typo or a hostile file, not a network (vit_b: width 768, depth 12).
+_LIMITS = {
+    "window_size_vox": (1, 512), "patch_size": (1, 64), "embed_dim": (1, 4096), "depth": (1, 128),
+    "num_heads": (1, 128), "attn_window_tok": (1, 512), "adapter_dim": (1, 4096), "neck_dim": (1, 4096),
+    "text_dim": (1, 4096), "text_context_length": (1, 4096), "mlp_ratio": (0.125, 16.0),
+    "decoder_depth": (1, 32), "decoder_heads": (1, 128), "decoder_mlp_dim": (1, 65536),
+    "fusion_channels": (1, 4096),
+}
+_ITEM_LIMITS = {
+    "spacing_mm": (0.01, 100.0), "ct_window_hu": (-10000.0, 100000.0), "mr_percentiles": (0.0, 100.0),
+    "upsample_channels": (1, 4096), "stem_channels": (1, 4096),
+}
+_CLIP_TEXT_LIMITS = {"width": (1, 4096), "heads": (1, 128), "layers": (1, 128), "vocab_size": (1, 1_000_000),
+                     "output_dim": (1, 4096)}
+
+
+def _type_problem(name: str, value, annotation: str) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``annotation`` (a string: postponed annotations)."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    if annotation.startswith("tuple["):
+        kind = annotation[len("tuple["):].split(",")[0].strip()
+        length = None if "..." in annotation else annotation.count(",") + 1
+        if (not isinstance(value, (list, tuple)) or (length is not None and len(value) != length)
+                or not all(_is_a(item, kind) for item in value)):
+            return f"{name} must be a list of {length or 'any number of'} {kind}s, not {shown}"
+    elif annotation == "dict":
+        if not isinstance(value, dict) or not all(_is_a(item, "int") for item in value.values()):
+            return f"{name} must map names to integers, not {shown}"
+    elif not _is_a(value, annotation):
+        return f"{name} must be a{'n' if annotation == 'int' else ''} {annotation}, not {shown}"
+    return None
+
+
+def _is_a(value, kind: str) -> bool:
+    if kind == "bool" or isinstance(value, bool):  # JSON true is no number, 1 is no boolean
+        return kind == "bool" and isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, str)
 
 
 CONFIGS: dict[str, ModelConfig] = {
