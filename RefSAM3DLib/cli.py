@@ -155,6 +155,10 @@ def plan_outputs(inputs: list[Path], output: str, file_format: str, overlay: str
             for path, target in zip(inputs, output_paths(inputs, output, file_format))]
     writer_of: dict[Path, int] = {}  # every file the run writes -> the plan entry writing it
     for number, (input_path, output_path, png) in enumerate(plan):
+        try:
+            io.check_file_name(input_path)
+        except RefSAM3DError:
+            continue  # fails alone when it is read (a batch goes on); its outputs are never written
         for path in io.output_files(output_path) + ([png] if png else []):
             io.check_output_path(path, overwrite, inputs)
             other = writer_of.setdefault(path.resolve(), number)
@@ -210,7 +214,7 @@ def run_segment(args) -> int:
         if len(inputs) == 1:
             raise RefSAM3DError(str(error)) from error
         failures.append((input_path, str(error)))
-        print(f"refsam3d: {input_path}: {error}", file=sys.stderr)
+        print(f"refsam3d: {io.display_name(input_path)}: {error}", file=sys.stderr)
 
     for input_path, output_path, png in plan:
         try:
@@ -250,7 +254,7 @@ def run_segment(args) -> int:
     if len(inputs) > 1:
         print(f"\n{len(summary)} of {len(inputs)} volumes segmented, {len(failures)} failed.")
         for path, message in failures:
-            print(f"  failed: {path}: {message}")
+            print(f"  failed: {io.display_name(path)}: {message}")
     return 1 if failures else 0
 
 

@@ -24,7 +24,7 @@ from monai.inferers import sliding_window_inference
 
 from . import preprocess
 from .errors import Cancelled, RefSAM3DError
-from .io import guess_modality
+from .io import available_memory_bytes, guess_modality
 from .result import LabelResult, Segment
 from .vocabulary import Prompt, parse_prompts
 from .volume import Volume
@@ -104,20 +104,18 @@ def check_overlap(overlap: float) -> None:
         )
 
 
-def available_memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_memory(volume: Volume, model_shape_dhw: Sequence[int], n_prompts: int) -> None:
-    """Refuse up front a run whose arrays cannot fit, with the estimate and what to do."""
-    model_voxels = int(np.prod(model_shape_dhw))
-    input_voxels = int(np.prod(volume.shape_kji))
-    # model-space image + blended probabilities and weights for every prompt (float32), then one
+    """Refuse up front, before the resampling allocates, a run whose arrays cannot fit.
+
+    ``model_shape_dhw`` comes from ``preprocess.model_grid`` (no allocation): a volume with huge
+    voxels is small on disk and huge in model space.
+    """
+    model_voxels = int(np.prod(model_shape_dhw, dtype=object))
+    input_voxels = int(np.prod(volume.shape_kji, dtype=object))
+    # Model space, float32: the resampled image and its copies on the way to a tensor (measured
+    # peak ~17 B/voxel), blended probabilities and weights per prompt (~7.5 B/voxel); then one
     # full-resolution float32 map at a time plus the uint8 masks of all prompts.
-    estimate = model_voxels * 4 * (2 + 2 * n_prompts) + input_voxels * (8 + n_prompts)
+    estimate = model_voxels * 4 * (5 + 2 * n_prompts) + input_voxels * (8 + n_prompts)
     available = available_memory_bytes()
     if available is not None and estimate > available:
         raise RefSAM3DError(
@@ -201,8 +199,8 @@ def segment(
 
     report(0.0, "Preparing the volume")
     intensity = preprocess.IntensitySettings.from_config(config, modality)
+    check_memory(volume, preprocess.model_grid(volume, config.spacing_mm).shape_dhw, len(parsed))
     image_dhw, grid = preprocess.to_model_space(volume, config.spacing_mm, intensity)
-    check_memory(volume, image_dhw.shape, len(parsed))
 
     texts = [p.text for p in parsed]
     with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import re
 import struct
 import tempfile
@@ -46,6 +47,8 @@ MAX_SPACING_MM = 100.0
 
 MAX_NRRD_HEADER_BYTES = 1 << 20
 """Real NRRD headers are a few kB (Slicer's .seg.nrrd with many segments: tens of kB)."""
+MAX_NRRD_LINE = 512
+"""Standard NRRD fields fit in far less; teem crashes quoting an invalid line of ~900 characters."""
 
 NOT_A_MEDICAL_DEVICE = "RefSAM3D is a research tool, not a medical device; not for clinical use."
 
@@ -81,9 +84,12 @@ def read_volume(path, modality: str | None = None, frame: int | None = None,
         image, series_uid, dicom_modality = _read_dicom_series(path, series_uid)
         file_format = "DICOM"
     else:
+        check_file_name(path)
         file_format = _volume_format(path)
         if file_format == "NIfTI":
             _check_nifti_file(path)
+        elif file_format == "NRRD":
+            _check_nrrd_file(path)
         image = _read_image_file(path, file_format)
         dicom_modality = None
     image = _select_frame(image, frame, path.name)
@@ -143,6 +149,7 @@ def _read_image_file(path: Path, file_format: str) -> sitk.Image:
     # the image) and refuses a zero spacing with a deep error.
     _check_spacing(reader.GetSpacing()[:3], path.name)
     _check_pixel_type(reader.GetNumberOfComponents(), reader.GetPixelID(), path.name)
+    _check_memory_to_read(reader.GetSize(), reader.GetPixelID(), path.name)
     try:
         return reader.Execute()
     except RuntimeError as error:
@@ -150,6 +157,34 @@ def _read_image_file(path: Path, file_format: str) -> sitk.Image:
             f"{path.name}: the {file_format} file is corrupt or truncated ({_itk_reason(error)}); "
             "copy or export it again."
         ) from None
+
+
+_PIXEL_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2,
+                sitk.sitkUInt32: 4, sitk.sitkInt32: 4, sitk.sitkFloat32: 4}
+
+
+def _check_memory_to_read(size, pixel_id: int, name: str) -> None:
+    """Refuse, before ITK allocates it, an image whose voxels cannot fit in memory."""
+    needed = 2 * int(np.prod(size, dtype=object)) * _PIXEL_BYTES.get(pixel_id, 8)  # ITK's buffer + numpy's copy
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise RefSAM3DError(
+            f"{name}: a {' x '.join(map(str, size))} image needs about {needed / 2**30:.1f} GiB to read and "
+            f"{available / 2**30:.1f} GiB is free; crop or downsample it first."
+        )
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the process can still take (psutil's ``available``: free plus reclaimable cache)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil is optional in Slicer's Python; free pages are a lower bound
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
 
 
 def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, str | None]:
@@ -533,22 +568,64 @@ def read_seg_nrrd(path, reference: Volume) -> LabelResult:
 
 
 def nrrd_header_fields(path) -> dict[str, str]:
-    """The ``key: value`` and ``key:=value`` fields of an NRRD header, decoded as UTF-8.
+    """The ``key: value`` and ``key:=value`` fields of an NRRD header, decoded as UTF-8."""
+    return _nrrd_fields(_nrrd_header(path)[0])
 
-    Reads at most MAX_NRRD_HEADER_BYTES; a header that does not end by then is an error.
+
+def _nrrd_header(path) -> tuple[list[str], int]:
+    """The lines of an NRRD header (UTF-8) and the offset of the data after it.
+
+    Reads at most MAX_NRRD_HEADER_BYTES. The header ends at the first blank line, or at the end
+    of a detached header (.nhdr) file.
     """
-    fields = {}
     with open(path, "rb") as file:
         header = file.read(MAX_NRRD_HEADER_BYTES)
-    end = header.find(b"\n\n")
-    if not header.startswith(b"NRRD") or end < 0:
+    blank = re.search(rb"\r?\n\r?\n", header)
+    if not header.startswith(b"NRRD") or (blank is None and len(header) == MAX_NRRD_HEADER_BYTES):
         raise RefSAM3DError(f"{display_name(Path(path).name)}: not a readable NRRD file (no header "
                             "ending within 1 MB); check the file, or re-export it.")
-    for line in header[:end].decode("utf-8", "replace").splitlines()[1:]:
+    end = blank.start() if blank else len(header)
+    return header[:end].decode("utf-8", "replace").splitlines(), blank.end() if blank else len(header)
+
+
+def _nrrd_fields(lines: list[str]) -> dict[str, str]:
+    fields = {}
+    for line in lines[1:]:
         if not line.startswith("#") and ":" in line:
             key, _, value = line.partition(":")
             fields[key.strip()] = value.removeprefix("=").strip()
     return fields
+
+
+def _check_nrrd_file(path: Path) -> None:
+    """Catch what ITK's NRRD reader does not survive, or survives at great cost.
+
+    A header line that is no field, or a field with a long invalid value, makes teem overflow while
+    quoting it in its error message (the process dies with SIGSEGV); and ITK allocates the
+    declared sizes before it notices that the file is too short to hold them (a 213-byte file
+    declaring 1100^3 voxels costs gigabytes).
+    """
+    lines, data_offset = _nrrd_header(path)
+    for number, line in enumerate(lines[1:], start=2):
+        if len(line) > MAX_NRRD_LINE and not line.startswith(("#", "content:")) and ":=" not in line:
+            raise RefSAM3DError(
+                f"{display_name(path.name)}: line {number} of the NRRD header is {len(line)} characters "
+                "long and no valid field; the file is damaged, export it again."
+            )
+    fields = _nrrd_fields(lines)
+    try:
+        voxels = int(np.prod([int(size) for size in fields.get("sizes", "").split()], dtype=object))
+    except ValueError:
+        return  # a malformed sizes field: ITK says so itself
+    # At least one byte per voxel on disk, at most 1032 voxels per byte gzip-compressed (deflate's
+    # limit); bzip2 has no useful bound and detached data lies in another file.
+    ratio = {"raw": 1, "gzip": 1032, "gz": 1032}.get(fields.get("encoding", "").lower())
+    data_bytes = path.stat().st_size - data_offset
+    if ratio and not ({"data file", "datafile"} & set(fields)) and voxels > data_bytes * ratio:
+        raise RefSAM3DError(
+            f"{display_name(path.name)}: the header declares {fields['sizes']} voxels but the file holds "
+            f"only {data_bytes:,} bytes of data (truncated or damaged); copy or export it again."
+        )
 
 
 def header_value(text: str) -> str:

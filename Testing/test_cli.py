@@ -244,3 +244,25 @@ def test_dicom_folder_with_two_series_names_the_option_that_chooses_one(model_di
                        capsys)
     assert code == 0, err
     assert sitk.ReadImage(str(tmp_path / "b.nii.gz")).GetSize() == (image.GetWidth(), image.GetHeight(), 20)
+
+
+def test_batch_of_hostile_files_fails_each_alone_and_segments_the_rest(model_dir, small_ct, tmp_path):
+    """Run as a child: on a regression ITK kills that process (SIGSEGV, abort), not the test run."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "good.nii.gz").write_bytes(small_ct.read_bytes())
+    with open(os.path.join(os.fsencode(folder), b"name\xff.nii.gz"), "wb") as handle:  # not UTF-8
+        handle.write(small_ct.read_bytes())
+    nrrd_head = "NRRD0004\ntype: short\ndimension: 3\nendian: little\nencoding: raw\n"
+    (folder / "bomb.nrrd").write_bytes((nrrd_head + "sizes: 1100 1100 1100\n\n").encode() + bytes(128))
+    (folder / "junk.nrrd").write_bytes((nrrd_head + "sizes: 4 4 4\n" + "x" * 1000 + "\n\n").encode() + bytes(128))
+    results = tmp_path / "results"
+    child = subprocess.run([sys.executable, "-m", "RefSAM3DLib.cli", "segment", str(folder), "-p", "liver",
+                            "--model", str(model_dir), "-o", str(results)], capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 1, child.stderr
+    assert "1 of 4 volumes segmented, 3 failed" in child.stdout and "Traceback" not in child.stderr
+    for word in ("name\\xff.nii.gz: the file name is not valid UTF-8", "bomb.nrrd: the header declares",
+                 "junk.nrrd: line 7 of the NRRD header"):
+        assert word in child.stderr
+    assert sorted(p.name for p in results.iterdir()) == ["good.json", "good.nii.gz"]

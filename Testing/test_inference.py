@@ -139,3 +139,16 @@ def test_structures_the_model_never_trained_on_come_with_a_warning(untrained_sma
     assert [w for w in result.warnings if "not among the structures" in w] == [
         w for w in result.warnings if "bladder" in w.lower()]
     assert len([w for w in result.warnings if "not among the structures" in w]) == 1
+
+
+def test_volume_huge_in_model_space_is_refused_before_resampling(untrained_small, monkeypatch):
+    """20^3 voxels of 99 mm: 16 kB on disk, 660^3 at the model's 3 mm (gigabytes once resampled)."""
+    volume = Volume(np.zeros((20, 20, 20), np.int16), np.diag([99.0, 99.0, 99.0, 1.0]), "CT")
+
+    def no_resampling(*args, **kwargs):
+        raise AssertionError("resampled before the memory check")
+
+    monkeypatch.setattr("RefSAM3DLib.preprocess.to_model_space", no_resampling)
+    monkeypatch.setattr("RefSAM3DLib.inference.available_memory_bytes", lambda: 4 * 2**30)  # a 4 GiB machine
+    with pytest.raises(RefSAM3DError, match=r"Not enough memory: .* needs about (\d\d|[5-9])\.\d GiB"):
+        segment(volume, "liver", model=untrained_small)

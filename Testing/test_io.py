@@ -1,8 +1,11 @@
 """Reading every supported input, refusing bad ones, and writing outputs onto the input's voxels."""
 
+import gzip
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -488,3 +491,59 @@ def test_non_ascii_segment_names_survive_into_seg_nrrd(prompt, name, small_resul
     storage.SetFileName(str(path))
     assert storage.ReadData(node)
     assert node.GetSegmentation().GetNthSegment(1).GetName() == name
+
+
+# ---- issue 13: files that bloat or crash ITK are refused before ITK sees them -----------------
+
+
+def _nrrd(header_lines, data):
+    return ("NRRD0004\n" + "".join(line + "\n" for line in header_lines) + "\n").encode() + data
+
+
+@pytest.mark.parametrize("encoding, data", [("raw", b"\0" * 128), ("gzip", gzip.compress(b"\0" * 128))])
+def test_nrrd_declaring_more_voxels_than_it_holds_is_refused_before_allocating(encoding, data, tmp_path,
+                                                                              monkeypatch):
+    path = tmp_path / "bomb.nrrd"
+    path.write_bytes(_nrrd(["type: short", "dimension: 3", "sizes: 1100 1100 1100", "endian: little",
+                            f"encoding: {encoding}"], data))
+
+    def no_allocation(self):
+        raise AssertionError("ITK allocated the declared voxels")
+
+    monkeypatch.setattr(sitk.ImageFileReader, "Execute", no_allocation)
+    with pytest.raises(RefSAM3DError, match="declares 1100 1100 1100 voxels but the file holds only"):
+        read_volume(path)
+
+
+def test_image_bigger_than_free_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    path = tmp_path / "big.nrrd"
+    sitk.WriteImage(sitk.Image(64, 64, 64, sitk.sitkInt16), str(path), True)  # 0.5 MiB of voxels, compressed
+    monkeypatch.setattr("RefSAM3DLib.io.available_memory_bytes", lambda: 2**19)
+    with pytest.raises(RefSAM3DError, match="64 x 64 x 64 image needs about 0.0 GiB to read"):
+        read_volume(path)
+    monkeypatch.setattr("RefSAM3DLib.io.available_memory_bytes", lambda: 2**30)
+    assert read_volume(path).shape_kji == (64, 64, 64)
+
+
+def _read_in_child(path):
+    """read_volume in a child process: on a regression ITK kills that process, not the test run."""
+    script = ("import sys\nfrom RefSAM3DLib.errors import RefSAM3DError\nfrom RefSAM3DLib.io import read_volume\n"
+              "try:\n    read_volume(sys.argv[1])\nexcept RefSAM3DError as error:\n    print(error)\n    sys.exit(2)\n")
+    child = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=120)
+    return child.returncode, child.stdout.strip()
+
+
+@pytest.mark.parametrize("line", ["x" * 1000, "space units: " + '"x" ' * 300])
+def test_nrrd_header_line_that_crashes_itk_is_a_clear_error(line, tmp_path):
+    path = tmp_path / "junk.nrrd"
+    path.write_bytes(_nrrd(["type: short", "dimension: 3", "sizes: 4 4 4", "endian: little", line,
+                            "encoding: raw"], b"\0" * 128))
+    code, message = _read_in_child(path)
+    assert code == 2 and "line 6 of the NRRD header is" in message, (code, message)
+
+
+def test_file_name_that_is_not_utf8_is_a_clear_error(samples_dir, tmp_path):
+    path = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"ct\xff.nii.gz")))
+    path.write_bytes((samples_dir / "ct3slice_image.nii.gz").read_bytes())
+    code, message = _read_in_child(path)
+    assert code == 2 and "ct\\xff.nii.gz: the file name is not valid UTF-8" in message, (code, message)
