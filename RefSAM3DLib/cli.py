@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--fill-holes", action="store_true", help="fill enclosed holes")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <fraction> <message>' lines (for Slicer)")
+    seg.add_argument("--worker-folder", help=argparse.SUPPRESS)  # run as SegmentationJob's child (cli_process.run_as_worker)
 
     evaluate = commands.add_parser("evaluate", help="Dice, NSD and HD95 of a model on labelled cases")
     evaluate.add_argument("--model", default=None, help="bundled model name or checkpoint folder")
@@ -84,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         args.training_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .cli_process import run_as_worker, sigterm_as_exit
+
     try:
-        return COMMANDS[args.command](args)
+        if getattr(args, "worker_folder", None):
+            return run_as_worker(args.worker_folder, lambda: COMMANDS[args.command](args))
+        if args.command == "train":  # the training loop saves a checkpoint on SIGTERM itself
+            return COMMANDS[args.command](args)
+        with sigterm_as_exit():
+            return COMMANDS[args.command](args)
     except Cancelled as error:
         print(f"refsam3d: cancelled: {error}", file=sys.stderr)
         return 130
@@ -222,6 +230,8 @@ def run_segment(args) -> int:
         except RefSAM3DError as error:
             fail(input_path, error)
             continue
+        if args.worker_folder and input_path.parent.resolve() == Path(args.worker_folder).resolve():
+            input_path.unlink(missing_ok=True)  # the job's copy of the scan: no longer needed on disk
         if model is None:
             model = load_model(args.model, device=str(device))  # a bad model stops the whole batch
         reporter = ProgressReporter(args.progress_lines, input_path.name)

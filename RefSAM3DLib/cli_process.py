@@ -7,11 +7,18 @@ into a queue; the caller either drains it from a GUI timer (:meth:`SegmentationJ
 blocks on it (:meth:`SegmentationJob.wait`, batch scripts). Cancel ends the whole process tree.
 Temporary files live in one folder that :meth:`SegmentationJob.close` removes in every outcome.
 
+The child's half (:func:`run_as_worker`, ``refsam3d segment --worker-folder``) makes sure that a
+copy of a patient's scan never outlives the run: the child deletes its input once read, stops at
+once when its parent dies (it holds our stdin's only write end: end-of-file means we are gone),
+and on any exit but success, SIGTERM included, removes the whole folder itself.
+
 Qt-free and Slicer-free: the Slicer module adds only the timer and the MRML bridge.
 """
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import os
 import queue
 import shutil
@@ -20,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +44,9 @@ LIBRARY_PARENT = Path(__file__).resolve().parent.parent
 """The folder holding the ``RefSAM3DLib`` package; the child needs it on ``PYTHONPATH``."""
 
 _TERMINATE_GRACE_S = 3.0
+TEMP_PREFIX = "refsam3d-"
+_ORPHAN_GRACE_S = 10.0
+"""How long an orphaned worker waits for its main thread (inside one long torch call) to stop."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +104,12 @@ def segment_command(
     modality: str | None = None,
     largest_component: bool = False,
     fill_holes: bool = False,
+    worker_folder: str | Path | None = None,
 ) -> list[str]:
-    """The ``python -m RefSAM3DLib.cli segment ...`` command line for one volume."""
+    """The ``python -m RefSAM3DLib.cli segment ...`` command line for one volume.
+
+    ``worker_folder``: the temporary folder the child cleans up itself (see :func:`run_as_worker`).
+    """
     if not prompts or not any(p.strip() for p in prompts):
         raise RefSAM3DError("No prompt given: type at least one structure name, e.g. 'liver'.")
     # --option=value throughout: a value starting with '-' ("-liver", a path) is never taken for an
@@ -112,7 +127,65 @@ def segment_command(
         command.append("--largest-component")
     if fill_holes:
         command.append("--fill-holes")
+    if worker_folder:
+        command.append(f"--worker-folder={worker_folder}")
     return command
+
+
+def exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """SIGTERM (a cancel, a logout) ends the run through every ``finally``, so partial outputs
+    and temporary files are deleted (Python's default dies on the spot). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_as_worker(folder: str | Path, body) -> int:
+    """Run ``body()`` (the segment command) as the child of a :class:`SegmentationJob`.
+
+    ``folder`` is the job's temporary folder (a copy of the scan, the result). It is removed on
+    every exit but success, and always when the parent died: then nobody will read the result.
+    The parent is watched through stdin: it holds the only write end and never writes, so
+    end-of-file comes the moment it exits or is killed; the main thread is then stopped as by
+    SIGTERM, and if it is stuck in one long call the watcher removes the folder and ends the
+    process itself.
+    """
+    folder = Path(folder)
+    if not folder.name.startswith(TEMP_PREFIX) or not folder.is_dir():
+        raise RefSAM3DError(f"--worker-folder {folder} is not a folder made by SegmentationJob; leave the option out.")
+    parent_gone = threading.Event()
+
+    def watch_parent() -> None:
+        # os.read, not sys.stdin: a thread blocked inside the buffered reader holds its lock, and
+        # the interpreter aborts when it finds it held at exit.
+        with contextlib.suppress(OSError, ValueError):
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        parent_gone.set()
+        _thread.interrupt_main(signal.SIGTERM)
+        time.sleep(_ORPHAN_GRACE_S)
+        shutil.rmtree(folder, ignore_errors=True)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch_parent, daemon=True, name="refsam3d-parent-watch").start()
+    status = 1
+    try:
+        with sigterm_as_exit():
+            status = body()
+        return status
+    finally:
+        if status != 0 or parent_gone.is_set():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class ChildProcess:
@@ -144,7 +217,7 @@ class ChildProcess:
             self.command,
             env=self.env,
             cwd=self.cwd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,  # never written: its end-of-file tells the child that we died
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -202,7 +275,11 @@ class ChildProcess:
     def cancel(self) -> None:
         """End the child and everything it started; safe to call twice or after exit."""
         self.cancelled = True
-        if self._process is None or self._process.poll() is not None:
+        if self._process is None:
+            return
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
+        if self._process.poll() is not None:
             return
         try:
             import psutil
@@ -306,7 +383,7 @@ class SegmentationJob:
         from .geometry import sitk_from_volume
         import SimpleITK as sitk
 
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="refsam3d-", dir=self.temp_root))
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.temp_root))
         input_path = self.temp_dir / "input.nrrd"
         self.output_path = self.temp_dir / "result.seg.nrrd"
         command = segment_command(
@@ -320,8 +397,10 @@ class SegmentationJob:
             modality=self.volume.modality,
             largest_component=self.largest_component,
             fill_holes=self.fill_holes,
+            worker_folder=self.temp_dir,
         )
-        # Uncompressed: the file lives for seconds and compression would cost more than the write.
+        # Uncompressed: the file lives for seconds (the child deletes it once read) and compression
+        # would cost more than the write.
         sitk.WriteImage(sitk_from_volume(self.volume), str(input_path), False)
         self.process = ChildProcess(command, env=library_environment(self.base_env), cwd=self.temp_dir)
         self.process.start()

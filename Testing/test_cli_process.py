@@ -4,6 +4,8 @@ one-line errors, temporary files gone in every outcome."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -16,7 +18,7 @@ import SimpleITK as sitk
 from RefSAM3DLib.cli import build_parser
 from RefSAM3DLib.cli_process import ChildProcess, SegmentationJob, library_environment, parse_line, segment_command
 from RefSAM3DLib.errors import Cancelled, RefSAM3DError
-from RefSAM3DLib.geometry import volume_from_sitk
+from RefSAM3DLib.geometry import sitk_from_volume, volume_from_sitk
 
 
 def _alive(pid: int) -> bool:
@@ -124,6 +126,7 @@ def test_job_runs_the_cli_and_returns_masks_on_the_input_grid(small_volume, untr
         result = job.wait(progress=lambda fraction, message: fractions.append(fraction))
         temp_dir = job.temp_dir
         assert (temp_dir / "result.seg.nrrd").exists()
+        assert not (temp_dir / "input.nrrd").exists()  # the copy of the scan went as soon as it was read
     assert not temp_dir.exists()
     assert [s.structure.key for s in result.segments] == ["liver", "spleen"]
     for segment in result.segments:
@@ -156,3 +159,56 @@ def test_cancelled_job_raises_cancelled_and_leaves_nothing(small_volume, untrain
         job.close()
     assert not temp_dir.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- issue 13: the worker dies with its parent and never leaves the scan behind ---------------
+
+
+def _wait_until(condition, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while not (met := condition()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return met
+
+
+def test_worker_stops_and_removes_the_scan_when_its_parent_dies(small_volume, untrained_model, tmp_path):
+    scan = tmp_path / "scan.nrrd"
+    sitk.WriteImage(sitk_from_volume(small_volume), str(scan))
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    parent_script = textwrap.dedent(f"""
+        import time
+        from RefSAM3DLib.cli_process import SegmentationJob
+        from RefSAM3DLib.io import read_volume
+        job = SegmentationJob(read_volume({str(scan)!r}), ["liver"], device="cpu", model={str(untrained_model)!r},
+                              temp_root={str(jobs)!r})
+        job.start()
+        print(job.temp_dir, job.process.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_script], stdout=subprocess.PIPE, text=True)
+    try:
+        temp_dir, worker_pid = parent.stdout.readline().split()
+        assert _alive(int(worker_pid)) and Path(temp_dir).is_dir()
+        parent.kill()  # Slicer crashes: no close(), no cancel()
+        parent.wait()
+        assert _wait_until(lambda: not _alive(int(worker_pid))), "the worker outlived its parent"
+        assert _wait_until(lambda: not Path(temp_dir).exists()), "the copy of the scan was left behind"
+        assert list(jobs.iterdir()) == []
+    finally:
+        parent.kill()
+        parent.stdout.close()
+
+
+def test_terminated_worker_removes_the_scan_itself(small_volume, untrained_model, tmp_path):
+    job = SegmentationJob(small_volume, ["liver"], device="cpu", model=str(untrained_model), temp_root=tmp_path)
+    try:
+        job.start()
+        temp_dir = job.temp_dir
+        assert _wait_until(lambda: any(event.kind == "progress" for event in job.poll()))  # at work
+        os.kill(job.process.pid, signal.SIGTERM)  # e.g. a logout; the parent has not closed the job
+        assert _wait_until(lambda: job.finished)
+        assert job.process.returncode == 128 + signal.SIGTERM
+        assert not temp_dir.exists()  # removed by the worker, not by close()
+    finally:
+        job.close()
