@@ -354,6 +354,14 @@ def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(toy_conf
         train(_with(toy_config, tmp_path / "fresh"), resume=True, device="cpu", progress=False)
 
 
+def test_resume_with_other_steps_replans_where_the_schedule_ends(toy_config, tmp_path):
+    part = train(_with(toy_config, tmp_path / "part", steps=8), device="cpu", progress=False, stop_after=2)
+    train(_with(toy_config, tmp_path / "part", steps=4), resume=True, device="cpu", progress=False)
+    rows = _log(part)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[1]["lr"]) > 0 and float(rows[-1]["lr"]) == 0.0  # decayed to 0 at the new end
+
+
 GPU_MACHINE = """
 import sys
 class NotInstalled:  # what the GPU machine lacks: SimpleITK, raw data and the MiniLM weights

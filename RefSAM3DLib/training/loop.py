@@ -100,7 +100,8 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
 
     Args:
         config: a config dict or YAML/JSON file (see ``configs/train_small.yaml``).
-        resume: continue from ``<output>/checkpoint`` exactly (model, optimizer, schedule, step, RNG).
+        resume: continue from ``<output>/checkpoint`` exactly (model, optimizer, schedule, step, RNG);
+            a ``training.steps`` different from the run's re-plans where its schedule ends.
         init: a model folder to start from (few-shot fine-tuning) instead of random weights.
         max_cases: train on only this many training cases (a seeded choice).
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -171,6 +172,10 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
         scheduler.load_state_dict(state["scheduler"])
         step, best, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
         auto_steps = auto_steps and not state["horizon_fixed"]
+        if not auto_steps and t["steps"] != "auto" and int(t["steps"]) != schedule.total:
+            # A re-planned end (``--resume --steps N``): the linear decay now reaches 0 at step N.
+            # The samples stay those of the uninterrupted run (a sample is a function of its id).
+            schedule.total = max(step + 1, int(t["steps"]))
         horizon = schedule.total
     else:
         torch.manual_seed(t["seed"] + 1 + rank)
