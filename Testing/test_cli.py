@@ -258,7 +258,7 @@ def test_batch_of_hostile_files_fails_each_alone_and_segments_the_rest(model_dir
     (folder / "junk.nrrd").write_bytes((nrrd_head + "sizes: 4 4 4\n" + "x" * 1000 + "\n\n").encode() + bytes(128))
     results = tmp_path / "results"
     child = subprocess.run([sys.executable, "-m", "RefSAM3DLib.cli", "segment", str(folder), "-p", "liver",
-                            "--model", str(model_dir), "-o", str(results)], capture_output=True, text=True,
+                            "--model", str(model_dir), "-o", str(results)], capture_output=True, encoding="utf-8",
                            timeout=600)
     assert child.returncode == 1, child.stderr
     assert "1 of 4 volumes segmented, 3 failed" in child.stdout and "Traceback" not in child.stderr

@@ -529,7 +529,7 @@ def _read_in_child(path):
     """read_volume in a child process: on a regression ITK kills that process, not the test run."""
     script = ("import sys\nfrom RefSAM3DLib.errors import RefSAM3DError\nfrom RefSAM3DLib.io import read_volume\n"
               "try:\n    read_volume(sys.argv[1])\nexcept RefSAM3DError as error:\n    print(error)\n    sys.exit(2)\n")
-    child = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=120)
+    child = subprocess.run([sys.executable, "-c", script, path], capture_output=True, encoding="utf-8", timeout=120)
     return child.returncode, child.stdout.strip()
 
 
