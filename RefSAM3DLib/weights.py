@@ -2,15 +2,20 @@
 
 The cache is ``$REFSAM3D_CACHE`` or ``~/.cache/refsam3d``. A download goes to ``<file>.part``
 (kept when interrupted and resumed with an HTTP Range request next time), shows a tqdm
-progress bar, is checked against the registry's SHA-256 and only then renamed onto its final
-name, so a file in the cache under its final name is always complete and verified.
+progress bar, is checked against the registry's SHA-256 (and its size against the server's) and
+only then renamed onto its final name, so a file in the cache under its final name is always
+complete and verified. Processes sharing one cache take turns per file (``<file>.lock``): the
+second waits for the first's download and then uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
+import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -30,8 +35,8 @@ class WeightEntry:
         name: registry key.
         url: where to download it.
         filename: its name in the cache.
-        sha256: published SHA-256 (hex); None when the publisher gives none (then the hash
-            of the first download is recorded next to the file and checked from then on).
+        sha256: published SHA-256 (hex); None when the publisher gives none (then only the
+            size is checked: a hash taken from our own download would vouch for nothing).
         size_bytes: expected size, for the progress bar (optional).
         description: what it is, for messages.
     """
@@ -84,11 +89,35 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _expected_sha256(entry: WeightEntry, target: Path) -> str | None:
-    if entry.sha256:
-        return entry.sha256
-    recorded = target.with_name(target.name + ".sha256")
-    return recorded.read_text().strip() if recorded.exists() else None
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path`` (created if missing) between processes, held while inside."""
+    with open(path, "a+b") as handle:
+        if os.name == "nt":
+            import msvcrt
+
+            lock = lambda: msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)  # noqa: E731
+        else:
+            import fcntl
+
+            lock = lambda: fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # noqa: E731
+        waiting = False
+        while True:
+            try:
+                lock()
+                break
+            except OSError:  # held by another process
+                if not waiting:
+                    print(f"refsam3d: waiting for another process downloading {path.stem}", file=sys.stderr)
+                    waiting = True
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            if os.name == "nt":
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            # POSIX: closing the file releases the lock
 
 
 def fetch(entry: "WeightEntry | str", progress: bool = True, timeout_s: float = 60.0) -> Path:
@@ -108,7 +137,16 @@ def fetch(entry: "WeightEntry | str", progress: bool = True, timeout_s: float = 
         except KeyError:
             raise RefSAM3DError(f"Unknown weights {entry!r}; choose one of {sorted(REGISTRY)}.") from None
     target = cache_dir() / entry.filename
-    expected = _expected_sha256(entry, target)
+    try:
+        with _file_lock(target.with_name(target.name + ".lock")):  # one download per file at a time
+            return _fetch_locked(entry, target, progress, timeout_s)
+    except OSError as error:
+        raise RefSAM3DError(f"Cannot use the weight cache {target.parent} ({error.strerror or error}); "
+                            f"set {CACHE_ENV} to a writable folder.") from None
+
+
+def _fetch_locked(entry: WeightEntry, target: Path, progress: bool, timeout_s: float) -> Path:
+    expected = entry.sha256
     if target.exists():
         if expected is None or sha256_file(target) == expected:
             return target
@@ -116,7 +154,14 @@ def fetch(entry: "WeightEntry | str", progress: bool = True, timeout_s: float = 
             f"Cached {target} does not match its SHA-256 (modified or corrupt); delete it and run again to re-download."
         )
     partial = target.with_name(target.name + ".part")
-    _download(entry, partial, progress, timeout_s)
+    size = _download(entry, partial, progress, timeout_s)
+    received = partial.stat().st_size
+    if size is not None and received != size:
+        partial.unlink()
+        raise RefSAM3DError(
+            f"Downloaded {entry.filename} has {received:,} bytes, the server announced {size:,}; "
+            "run again to download it afresh."
+        )
     actual = sha256_file(partial)
     if expected is not None and actual != expected:
         partial.unlink()
@@ -124,14 +169,15 @@ def fetch(entry: "WeightEntry | str", progress: bool = True, timeout_s: float = 
             f"Downloaded {entry.filename} has SHA-256 {actual[:12]}..., expected {expected[:12]}...; "
             "the download was corrupted or the file changed upstream. Run again to retry."
         )
-    if expected is None:
-        target.with_name(target.name + ".sha256").write_text(actual + "\n")
     os.replace(partial, target)
     return target
 
 
-def _download(entry: WeightEntry, partial: Path, progress: bool, timeout_s: float) -> None:
-    """Append the rest of ``entry.url`` to ``partial`` (HTTP Range resume when it already has bytes)."""
+def _download(entry: WeightEntry, partial: Path, progress: bool, timeout_s: float) -> int | None:
+    """Append the rest of ``entry.url`` to ``partial`` (HTTP Range resume when it already has bytes).
+
+    Returns the whole file's size as the server announced it (None when it did not).
+    """
     from tqdm import tqdm
 
     start = partial.stat().st_size if partial.exists() else 0
@@ -139,8 +185,12 @@ def _download(entry: WeightEntry, partial: Path, progress: bool, timeout_s: floa
     try:
         response = urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as error:
-        if error.code == 416 and start:  # the partial file already holds every byte
-            return
+        if error.code == 416 and start:  # nothing past our bytes: complete, or longer than the file
+            total = error.headers.get("Content-Range", "").rpartition("/")[2]
+            if total.isdigit() and int(total) == start:
+                return start
+            partial.unlink()  # more bytes than the file has (two writers in one .part): start over
+            return _download(entry, partial, progress, timeout_s)
         raise RefSAM3DError(f"Cannot download {entry.name} from {entry.url}: HTTP {error.code}; check the address or try later.") from None
     except (urllib.error.URLError, OSError) as error:
         raise RefSAM3DError(
@@ -170,3 +220,4 @@ def _download(entry: WeightEntry, partial: Path, progress: bool, timeout_s: floa
                     f"Download of {entry.name} was interrupted ({error!r}); run again to resume from "
                     f"{partial.stat().st_size} bytes."
                 ) from None
+    return start + int(length) if length else None

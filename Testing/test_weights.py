@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -17,7 +20,8 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves PAYLOAD at /file with Range support; /flaky cuts the first response short."""
+    """Serves PAYLOAD at /file with Range support; /flaky cuts the first response short; /slow
+    sends it in pieces over about a second."""
 
     log: list = []
     flaky_cut_bytes = 0
@@ -28,7 +32,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         range_header = self.headers.get("Range")
         self.log.append((self.path, range_header))
-        if self.path not in ("/file", "/flaky"):
+        if self.path not in ("/file", "/flaky", "/slow"):
             self.send_error(404)
             return
         start = int(range_header.split("=")[1].rstrip("-")) if range_header else 0
@@ -46,6 +50,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[:cut])
             self.wfile.flush()
             self.close_connection = True
+            return
+        if self.path == "/slow":  # long enough for a second client to arrive meanwhile
+            for offset in range(0, len(body), 1 << 16):
+                self.wfile.write(body[offset: offset + (1 << 16)])
+                time.sleep(0.02)
             return
         self.wfile.write(body)
 
@@ -117,12 +126,35 @@ def test_modified_cached_file_is_detected(server, cache):
         weights.fetch(_entry(server), progress=False)
 
 
-def test_unpublished_hash_is_recorded_on_first_download_and_checked_after(server, cache):
+def test_unpublished_hash_is_never_recorded_as_trusted(server, cache):
+    """A hash taken from our own download vouches for nothing; a wrong one would lock the cache."""
     path = weights.fetch(_entry(server, sha=None), progress=False)
-    assert (cache / "test.bin.sha256").read_text().strip() == SHA
-    path.write_bytes(b"tampered")
-    with pytest.raises(RefSAM3DError, match="does not match"):
-        weights.fetch(_entry(server, sha=None), progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in cache.iterdir()) == ["test.bin", "test.bin.lock"]
+
+
+def test_part_file_longer_than_the_download_is_discarded(server, cache):
+    """What two writers sharing one .part left behind: its bytes are not trusted as the file."""
+    cache.mkdir()
+    (cache / "test.bin.part").write_bytes(PAYLOAD + os.urandom(1000))
+    path = weights.fetch(_entry(server, sha=None), progress=False)
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_concurrent_fetches_into_one_cache_take_turns(server, cache):
+    """Two processes fetch one file at once: both get the whole verified file, nothing else is kept."""
+    script = ("import sys\nfrom RefSAM3DLib import weights\n"
+              "entry = weights.WeightEntry(name='test', url=sys.argv[1], filename='test.bin', sha256=None)\n"
+              "print(weights.fetch(entry, progress=False).stat().st_size)\n")
+    env = dict(os.environ, **{weights.CACHE_ENV: str(cache)})
+    children = [subprocess.Popen([sys.executable, "-c", script, server + "/slow"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [child.communicate(timeout=120) for child in children]
+    for child, (out, err) in zip(children, outputs):
+        assert child.returncode == 0 and out.strip() == str(len(PAYLOAD)), err
+    assert (cache / "test.bin").read_bytes() == PAYLOAD
+    assert sorted(p.name for p in cache.iterdir()) == ["test.bin", "test.bin.lock"]
+    assert [path for path, _ in _Handler.log].count("/slow") == 1  # the second used the first's download
 
 
 def test_missing_file_and_unreachable_server_are_user_errors(server):
