@@ -277,8 +277,7 @@ class ChildProcess:
         self.cancelled = True
         if self._process is None:
             return
-        with contextlib.suppress(OSError):
-            self._process.stdin.close()
+        self.close()  # a worker takes the end-of-file for our death and stops by itself too
         if self._process.poll() is not None:
             return
         try:
@@ -298,6 +297,12 @@ class ChildProcess:
             # Even after the leader exits, its workers may linger in the group.
             self._kill_group(signal.SIGKILL)
         self._process.wait()
+
+    def close(self) -> None:
+        """Let go of the child's stdin once it is no longer needed (a finished or cancelled child)."""
+        if self._process is not None:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()
 
     def _kill_group(self, sig: int) -> None:
         try:
@@ -452,8 +457,10 @@ class SegmentationJob:
 
     def close(self) -> None:
         """Stop the child if it still runs and delete the temporary folder."""
-        if self.process is not None and self.process.returncode is None:
-            self.process.cancel()
+        if self.process is not None:
+            if self.process.returncode is None:
+                self.process.cancel()
+            self.process.close()
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
