@@ -34,7 +34,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "refsam3d-checkpoint"
 FORMAT_VERSION = 1
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v1"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v2"
 CLIP_HF_REPO = "timm/vit_base_patch16_clip_224.openai"
 
 
@@ -451,7 +451,7 @@ def load_model(
 
     Args:
         name_or_path: a checkpoint directory; None or ``"default"`` is the bundled model
-            ``RefSAM3DLib/models/refsam3d-small-v1``.
+            ``RefSAM3DLib/models/refsam3d-small-v2``.
         device: torch device for the model.
         sam_checkpoint / clip_checkpoint / text_encoder: as in ``build_untrained``.
 

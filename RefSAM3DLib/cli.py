@@ -297,12 +297,14 @@ def run_info(args) -> int:
     report = parameter_report(args.config)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        for component, counts in report.items():
-            if isinstance(counts, dict):
-                print(f"{component:<20} " + "  ".join(f"{key} {value:,}" for key, value in counts.items()))
-            else:
-                print(f"{component:<20} {counts}")
+        return 0
+    print(f"config         {report['config']}")
+    print(f"image encoder  {report['image_encoder']}")
+    print(f"text encoder   {report['text_encoder']}")
+    print(f"\n{'component':<22}{'total':>14}{'trainable':>14}{'frozen':>14}")
+    for component, counts in [*report["components"].items(), ("total", report["total"])]:
+        print(f"{component:<22}" + "".join(f"{counts[key]:>14,}" for key in ("total", "trainable", "frozen")))
+    print(f"\ntrainable fraction {report['trainable_fraction']:.1%}")
     return 0
 
 

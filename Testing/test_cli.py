@@ -146,11 +146,20 @@ def test_help_shows_examples():
     assert completed.returncode == 0 and "examples:" in completed.stdout
 
 
-def test_info_json_reports_parameter_counts(capsys):
+def test_info_json_reports_parameter_counts_and_encoders(capsys):
     code, out, _ = run(["info", "--config", "small", "--json"], capsys)
     assert code == 0
     report = json.loads(out)
-    assert report["total"]["total"] > 0 if isinstance(report.get("total"), dict) else report
+    assert report["total"]["total"] > report["total"]["trainable"] > 0
+    assert "MiniLM" in report["text_encoder"] and "stem" in report["image_encoder"]
+
+
+def test_info_prints_a_table_naming_both_encoders(capsys):
+    code, out, _ = run(["info", "--config", "vit_b"], capsys)
+    assert code == 0
+    assert "CLIP ViT-B/16" in out and "SAM 3D ViT" in out
+    total = next(line for line in out.splitlines() if line.startswith("total "))
+    assert int(total.split()[1].replace(",", "")) > 100_000_000
 
 
 def test_train_options_reach_the_training_entry_point(capsys):

@@ -164,7 +164,7 @@ def test_training_windows_never_mirror_anatomy():
     phrasings = {k: [k] for k in ("kidney_right", "kidney_left", "liver", "adrenal_gland_right", "spleen")}
     dataset = WindowDataset([_two_sided_case()], phrasings, 64, 3.0, seed=0, length=40)
     both = 0
-    for item in dataset:
+    for item in (dataset[i] for i in range(len(dataset))):
         masks = dict(zip(item["keys"], item["target"]))
         right, left = masks["kidney_right"], masks["kidney_left"]
         if right.any() and left.any():
@@ -360,6 +360,21 @@ def test_resume_with_other_steps_replans_where_the_schedule_ends(toy_config, tmp
     rows = _log(part)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[1]["lr"]) > 0 and float(rows[-1]["lr"]) == 0.0  # decayed to 0 at the new end
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_resume_refuses_a_state_file_that_carries_code(toy_config, tmp_path):
+    import pickle
+
+    run = train(_with(toy_config, tmp_path / "run", steps=1), device="cpu", progress=False)
+    (run / "checkpoint" / "training_state.pt").write_bytes(pickle.dumps({"step": _RunsCode()}))
+    with pytest.raises(RefSAM3DError, match="not a training state this program wrote") as caught:
+        train(_with(toy_config, tmp_path / "run", steps=2), resume=True, device="cpu", progress=False)
+    assert "weights_only=False" not in str(caught.value)
 
 
 GPU_MACHINE = """

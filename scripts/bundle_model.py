@@ -1,7 +1,7 @@
 """Copy a trained checkpoint into the package as a named, versioned bundled model.
 
-    python scripts/bundle_model.py runs/small-stage2/checkpoint RefSAM3DLib/models/refsam3d-small-v1 \
-        --name refsam3d-small-v1 --version 1.0
+    python scripts/bundle_model.py runs/small/best RefSAM3DLib/models/refsam3d-small-v2 \
+        --name refsam3d-small-v2 --version 2.0
 
 The weights are copied byte for byte (their SHA-256 in config.json stays valid); the metadata gains
 the model's name and version, which every output then carries. The model card is written by hand.

@@ -311,14 +311,22 @@ def build_model(name_or_config: "str | ModelConfig" = "small", text_encoder=None
     return RefSAM3D(get_config(name_or_config), text_encoder=text_encoder)
 
 
+TEXT_ENCODERS = {
+    "minilm": "all-MiniLM-L6-v2 (sentence-transformers), frozen",
+    "clip": "CLIP ViT-B/16 text tower (open_clip), frozen",
+}
+
+
 def parameter_report(name_or_config: "str | ModelConfig") -> dict:
     """Parameter counts per component of an untrained model (what ``refsam3d info`` prints).
 
     Returns:
-        ``{"config": name, "components": {component: {"total", "trainable", "frozen"}},
-        "total": {...}, "trainable_fraction": float}``; frozen = base weights (SAM, text encoder).
+        ``{"config": name, "image_encoder": description, "text_encoder": description,
+        "components": {component: {"total", "trainable", "frozen"}}, "total": {...},
+        "trainable_fraction": float}``; frozen = base weights (SAM, text encoder).
     """
     model = build_model(name_or_config)
+    config = model.config
     components = {}
     for component, module in model.named_children():
         params = list(module.parameters())
@@ -328,8 +336,13 @@ def parameter_report(name_or_config: "str | ModelConfig") -> dict:
         total = sum(p.numel() for p in params)
         components[component] = {"total": total, "trainable": trainable, "frozen": total - trainable}
     total = {key: sum(c[key] for c in components.values()) for key in ("total", "trainable", "frozen")}
+    vit = f"3D ViT (patch {config.patch_size}, width {config.embed_dim}, depth {config.depth})"
     return {
-        "config": model.config.name,
+        "config": config.name,
+        "image_encoder": (f"SAM {vit} with 3D adapters, frozen except the PETL parts" if config.pretrained_image_encoder
+                          else f"convolutional stem {list(config.stem_channels)} + {vit}, trained from scratch"
+                          if config.stem_channels else f"{vit}, trained from scratch"),
+        "text_encoder": TEXT_ENCODERS[config.text_encoder],
         "components": components,
         "total": total,
         "trainable_fraction": total["trainable"] / total["total"],

@@ -167,7 +167,7 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step, best, elapsed_before = 0, -1.0, 0.0
     if resume:
-        state = torch.load(out / "checkpoint" / STATE_FILE, map_location="cpu", weights_only=True)
+        state = _read_training_state(out / "checkpoint" / STATE_FILE)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
@@ -306,6 +306,23 @@ def _fix_horizon(schedule: LinearWarmupDecay, step: int, step_times: list[float]
     schedule.total = step + max(1, int(0.95 * remaining_s / per_step))
     schedule.warmup = min(schedule.warmup, schedule.total // 10 + 1)
     return schedule.total
+
+
+def _read_training_state(path: Path) -> dict:
+    """The optimizer/schedule/RNG state of a run, read without ever executing pickled code."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        # torch's message advises weights_only=False, which would run whatever the file holds.
+        raise RefSAM3DError(
+            f"{path} is not a training state this program wrote ({type(error).__name__}); it is not "
+            "loaded. Start the run again without --resume, or --init from its checkpoint folder."
+        ) from None
+    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler"} <= set(state):
+        raise RefSAM3DError(f"{path} is not a training state this program wrote; start again without --resume.")
+    return state
 
 
 def _save_checkpoint_dir(model, directory: Path, metadata: dict, state: dict) -> None:
