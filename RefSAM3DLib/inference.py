@@ -20,12 +20,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from . import preprocess
 from .errors import Cancelled, RefSAM3DError
 from .io import available_memory_bytes, guess_modality
 from .result import LabelResult, Segment
+from .sliding_window import LabelMapComposer, model_space_probabilities
 from .vocabulary import Prompt, parse_prompts
 from .volume import Volume
 
@@ -123,17 +123,6 @@ def check_memory(volume: Volume, model_shape_dhw: Sequence[int], n_prompts: int)
             f"{estimate / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is free; "
             "use fewer prompts per run or crop the volume."
         )
-
-
-def windows_per_batch(device: torch.device, window_size_vox: int) -> int:
-    """How many windows to run at once: 1 on CPU, as many as free GPU memory allows on CUDA."""
-    if device.type != "cuda":
-        return 1
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    # ~2 KiB of activations per window voxel for the small and vit_b decoders, measured loosely;
-    # keep half of the free memory as head-room for the allocator and other processes.
-    per_window = window_size_vox**3 * 2048
-    return int(max(1, min(8, (free_bytes // 2) // per_window)))
 
 
 def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
@@ -236,74 +225,6 @@ def segment(
         warnings=warnings,
         label_map=label_map.labels,
     )
-
-
-def model_space_probabilities(model, image_dhw: np.ndarray, prompt_embeddings, device: torch.device,
-                              overlap: float = 0.25, on_window: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Sliding-window probabilities of every prompt over a whole model-space volume.
-
-    Per window the image encoder runs ONCE and every prompt is decoded from its features; windows
-    are blended with MONAI's Gaussian weights. Training validates through this same function.
-
-    Args:
-        model: a RefSAM3D in eval mode on ``device``.
-        image_dhw: (D, H, W) model-space intensities in [0, 1].
-        prompt_embeddings: ``model.encode_prompts(texts)`` for P prompts.
-        device: where the windows run (the blended volume stays on the CPU).
-        overlap: fraction of a window shared with its neighbours.
-        on_window: called with the number of windows done so far (may raise to stop).
-    Returns:
-        (P, D, H, W) float32 probabilities on the CPU.
-    """
-    window = int(model.config.window_size_vox)
-    done = [0]
-
-    def predict(windows: torch.Tensor) -> torch.Tensor:
-        """(n, 1, w, w, w) image windows -> (n, P, w, w, w) probabilities, one encoder pass."""
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features = model.encode_image(windows)
-            logits = model.decode(windows, features, prompt_embeddings)
-        done[0] += windows.shape[0]
-        if on_window is not None:
-            on_window(done[0])
-        return torch.sigmoid(logits.float())
-
-    inputs = torch.from_numpy(np.ascontiguousarray(image_dhw, dtype=np.float32))[None, None]
-    with torch.no_grad():
-        return sliding_window_inference(
-            inputs,
-            roi_size=(window, window, window),
-            sw_batch_size=windows_per_batch(device, window),
-            predictor=predict,
-            overlap=overlap,
-            mode="gaussian",
-            sw_device=device,
-            device=torch.device("cpu"),
-        )[0]
-
-
-class LabelMapComposer:
-    """One label map from several prompts' masks: each voxel goes to the prompt with the highest
-    probability among those whose mask holds it (unlabelled where no mask does).
-
-    Built one prompt at a time so that memory does not grow with the number of prompts: it keeps
-    the labels and the winning probability (quantised to uint8) only.
-
-    Args:
-        shape: the label map's shape.
-        count: the number of prompts (sets the dtype: uint8 below 256 prompts, else uint16).
-    """
-
-    def __init__(self, shape: Sequence[int], count: int) -> None:
-        self.labels = np.zeros(tuple(shape), dtype=np.uint8 if count < 256 else np.uint16)
-        self._best = np.zeros(tuple(shape), dtype=np.uint8)
-
-    def add(self, value: int, mask: np.ndarray, probability: np.ndarray) -> None:
-        """Offer ``mask`` (0/1) with its ``probability`` map (floats in [0, 1]) as label ``value``."""
-        level = np.round(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
-        claim = (mask > 0) & (level > self._best)
-        self.labels[claim] = value
-        self._best[claim] = level[claim]
 
 
 def model_name(model) -> str:

@@ -99,7 +99,7 @@ def test_report_has_rows_means_settings_and_policy(tmp_path):
     with open(csv_path) as handle:
         written = list(csv.DictReader(handle))
     assert [(r["case"], r["structure"]) for r in written] == [(r["case"], r["structure"]) for r in rows]
-    report = md_path.read_text()
+    report = md_path.read_text(encoding="utf-8")
     liver = [r for r in rows if r["structure"] == "liver"]
     liver_dice = np.mean([r["dice"] for r in liver])
     assert f"| Liver | 2 | {liver_dice:.3f} ±" in report

@@ -2,9 +2,9 @@
 
 Windows centred on the labels flatter a model (a right kidney scored 0.54 there and 0.09 on whole
 volumes), so each validation case is segmented whole by the inference engine's own sliding window
-(:func:`RefSAM3DLib.inference.model_space_probabilities`), every annotated structure of the case
+(:func:`RefSAM3DLib.sliding_window.model_space_probabilities`), every annotated structure of the case
 prompted at once by its name, the prompts composed into ONE label map as ``refsam3d segment``
-composes them (:class:`RefSAM3DLib.inference.LabelMapComposer`), and that label map scored.
+composes them (:class:`RefSAM3DLib.sliding_window.LabelMapComposer`), and that label map scored.
 It runs in model space on the cached volumes, which skips only the resampling back to the
 input grid.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..inference import LabelMapComposer, model_space_probabilities
+from ..sliding_window import LabelMapComposer, model_space_probabilities
 from .cache import IMAGE_LEVELS
 from .windows import CaseStore
 
