@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice
 
 from ..sliding_window import LabelMapComposer, model_space_probabilities
 from .cache import IMAGE_LEVELS
@@ -20,9 +21,9 @@ from .windows import CaseStore
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    total = int(np.count_nonzero(prediction)) + int(np.count_nonzero(reference))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(prediction & reference)) / total
+    """MONAI's Dice of two boolean masks (the metric ``refsam3d evaluate`` reports)."""
+    return float(compute_dice(torch.from_numpy(prediction)[None, None], torch.from_numpy(reference)[None, None],
+                              include_background=True, ignore_empty=False)[0, 0])
 
 
 @torch.no_grad()
