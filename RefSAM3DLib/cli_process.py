@@ -132,17 +132,23 @@ def segment_command(
     return command
 
 
-def exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 @contextlib.contextmanager
-def sigterm_as_exit():
+def sigterm_as_exit(received: threading.Event | None = None):
     """SIGTERM (a cancel, a logout) ends the run through every ``finally``, so partial outputs
-    and temporary files are deleted (Python's default dies on the spot). Main thread only."""
+    and temporary files are deleted (Python's default dies on the spot). Main thread only.
+
+    ``received`` is set when the signal came, so a caller still knows it if some library on the
+    way swallowed the ``SystemExit`` or turned it into another error.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+
+    def exit_on_sigterm(signum, frame):
+        if received is not None:
+            received.set()
+        raise SystemExit(128 + signum)
+
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         yield
@@ -154,16 +160,17 @@ def run_as_worker(folder: str | Path, body) -> int:
     """Run ``body()`` (the segment command) as the child of a :class:`SegmentationJob`.
 
     ``folder`` is the job's temporary folder (a copy of the scan, the result). It is removed on
-    every exit but success, and always when the parent died: then nobody will read the result.
-    The parent is watched through stdin: it holds the only write end and never writes, so
-    end-of-file comes the moment it exits or is killed; the main thread is then stopped as by
-    SIGTERM, and if it is stuck in one long call the watcher removes the folder and ends the
-    process itself.
+    every exit but success, and always when the parent died or sent SIGTERM: then nobody will
+    read the result. The parent is watched through stdin: it holds the only write end and never
+    writes, so end-of-file comes the moment it exits or is killed; the main thread is then
+    stopped as by SIGTERM, and if it is stuck in one long call the watcher removes the folder and
+    ends the process itself. A terminated worker always exits with ``128 + SIGTERM``.
     """
     folder = Path(folder)
     if not folder.name.startswith(TEMP_PREFIX) or not folder.is_dir():
         raise RefSAM3DError(f"--worker-folder {folder} is not a folder made by SegmentationJob; leave the option out.")
     parent_gone = threading.Event()
+    terminated = threading.Event()
 
     def watch_parent() -> None:
         # os.read, not sys.stdin: a thread blocked inside the buffered reader holds its lock, and
@@ -180,12 +187,15 @@ def run_as_worker(folder: str | Path, body) -> int:
     threading.Thread(target=watch_parent, daemon=True, name="refsam3d-parent-watch").start()
     status = 1
     try:
-        with sigterm_as_exit():
+        with sigterm_as_exit(terminated):
             status = body()
-        return status
+    except Exception:
+        if not terminated.is_set():
+            raise
     finally:
-        if status != 0 or parent_gone.is_set():
+        if status != 0 or parent_gone.is_set() or terminated.is_set():
             shutil.rmtree(folder, ignore_errors=True)
+    return 128 + signal.SIGTERM if terminated.is_set() else status
 
 
 class ChildProcess:

@@ -209,7 +209,30 @@ def test_terminated_worker_removes_the_scan_itself(small_volume, untrained_model
         assert _wait_until(lambda: not (temp_dir / "input.nrrd").exists(), timeout_s=300)
         os.kill(job.process.pid, signal.SIGTERM)  # e.g. a logout; the parent has not closed the job
         assert _wait_until(lambda: job.finished)
-        assert job.process.returncode == 128 + signal.SIGTERM
+        assert job.process.returncode == 128 + signal.SIGTERM, job.process.stderr_lines
         assert not temp_dir.exists()  # removed by the worker, not by close()
     finally:
         job.close()
+
+
+def test_terminated_worker_reports_termination_even_when_a_library_swallows_it(tmp_path):
+    folder = tmp_path / "refsam3d-job"
+    folder.mkdir()
+    (folder / "input.nrrd").write_bytes(b"a copy of a scan")
+    worker_script = textwrap.dedent(f"""
+        import os, signal, sys
+        from RefSAM3DLib.cli_process import run_as_worker
+
+        def body():
+            try:  # as some library's broad except would
+                os.kill(os.getpid(), signal.SIGTERM)
+            except BaseException as error:
+                raise RuntimeError("wrapped") from error
+            return 0
+
+        sys.exit(run_as_worker({str(folder)!r}, body))
+    """)
+    worker = subprocess.run([sys.executable, "-c", worker_script], stdin=subprocess.PIPE, capture_output=True,
+                            text=True, env=library_environment(), timeout=60)
+    assert worker.returncode == 128 + signal.SIGTERM, worker.stderr
+    assert not folder.exists()
