@@ -18,12 +18,13 @@ import datetime
 import json
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .datasets import Case, cases_from_path
 from .errors import RefSAM3DError
 
 EMPTY_MASK_POLICY = (
@@ -79,105 +80,6 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Sequ
     return {"dice": float(dice.item()), "nsd": float(nsd.item()), "hd95_mm": float(hd95.item())}
 
 
-# ---- datasets ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalCase:
-    """One labelled image to evaluate.
-
-    Args:
-        name: case identifier used in reports.
-        image_path: the image file (or DICOM folder).
-        label_path: the label map on the image's grid.
-        labels: label value -> structure key (a vocabulary key when the name is known, else the
-            label-map name as written).
-        modality: ``"CT"``, ``"MR"`` or ``None`` (then guessed when reading).
-        frame: channel of a 4D image to use (MSD multi-channel images), else ``None``.
-    """
-
-    name: str
-    image_path: Path
-    label_path: Path
-    labels: dict[int, str] = field(default_factory=dict)
-    modality: str | None = None
-    frame: int | None = None
-
-
-def _structure_key(label_name: str) -> str:
-    from .vocabulary import lookup
-
-    structure = lookup(label_name)
-    return structure.key if structure is not None else label_name
-
-
-def cases_from_folder_pairs(folder, labelmaps_json=None) -> list[EvalCase]:
-    """Cases laid out like ``../shared/data``: ``<case>_image.nii.gz`` + ``<case>_label.nii.gz``
-    (in ``folder`` or its sub-folders) and a ``labelmaps.json`` mapping each label file (by name
-    or by path relative to the JSON's folder) to ``{value: name}``."""
-    folder = Path(folder)
-    if labelmaps_json is None:
-        # ../shared/data keeps one labelmaps.json above its dataset folders, keyed "folder/file"
-        candidates = [folder / "labelmaps.json", folder.parent / "labelmaps.json"]
-        labelmaps_json = next((c for c in candidates if c.is_file()), candidates[0])
-    labelmaps_json = Path(labelmaps_json)
-    if not labelmaps_json.is_file():
-        raise RefSAM3DError(f"{labelmaps_json}: no label-map JSON; give --data a folder with labelmaps.json.")
-    maps = json.loads(labelmaps_json.read_text(encoding="utf-8"))
-    cases = []
-    for label_path in sorted(folder.rglob("*_label.nii.gz")):
-        image_path = label_path.with_name(label_path.name.replace("_label.nii.gz", "_image.nii.gz"))
-        relative = label_path.relative_to(labelmaps_json.parent).as_posix() if label_path.is_relative_to(labelmaps_json.parent) else None
-        names = maps.get(relative) or maps.get(label_path.name)
-        if not image_path.is_file() or not names:
-            continue
-        labels = {int(value): _structure_key(name) for value, name in names.items()}
-        cases.append(EvalCase(label_path.name[: -len("_label.nii.gz")], image_path, label_path, labels))
-    if not cases:
-        raise RefSAM3DError(f"{folder}: no *_image.nii.gz / *_label.nii.gz pairs listed in {labelmaps_json.name}.")
-    return cases
-
-
-def cases_from_msd(dataset_json) -> list[EvalCase]:
-    """Cases of a Medical Segmentation Decathlon ``dataset.json``.
-
-    Uses its ``validation`` list when it has one, else ``training`` (the MSD test lists carry no
-    labels). A multi-channel image is evaluated on its first channel.
-    """
-    dataset_json = Path(dataset_json)
-    try:
-        dataset = json.loads(dataset_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise RefSAM3DError(f"{dataset_json}: cannot read the MSD dataset.json ({error}).") from None
-    entries = dataset.get("validation") or dataset.get("training") or []
-    if not entries or "labels" not in dataset:
-        raise RefSAM3DError(f"{dataset_json}: no labelled 'training'/'validation' cases or no 'labels'; is this an MSD dataset.json?")
-    modalities = dataset.get("modality", {})
-    first = str(modalities.get("0", modalities.get(0, ""))).upper()
-    modality = "CT" if first == "CT" else ("MR" if first else None)
-    labels = {int(v): _structure_key(n) for v, n in dataset["labels"].items() if int(v) != 0}
-    frame = 0 if len(modalities) > 1 else None
-    root = dataset_json.parent
-    cases = []
-    for entry in entries:
-        image_path, label_path = root / entry["image"], root / entry["label"]
-        name = Path(entry["image"]).name.split(".")[0]
-        cases.append(EvalCase(name, image_path, label_path, labels, modality, frame))
-    return cases
-
-
-def cases_from_data(data) -> list[EvalCase]:
-    """``--data``: an MSD ``dataset.json`` (or a folder holding one), or a folder of pairs."""
-    data = Path(data)
-    if data.is_dir() and (data / "dataset.json").is_file() and not (data / "labelmaps.json").is_file():
-        data = data / "dataset.json"
-    if data.is_file() and data.suffix == ".json":
-        return cases_from_msd(data)
-    if data.is_dir():
-        return cases_from_folder_pairs(data)
-    raise RefSAM3DError(f"{data}: not a folder or a dataset.json; give a data folder with labelmaps.json or an MSD dataset.json.")
-
-
 # ---- running ----------------------------------------------------------------------------------------
 
 
@@ -197,7 +99,7 @@ def _find_segment(result, key: str, prompt: str) -> int | None:
     return None
 
 
-def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
+def evaluate(model_name_or_path, dataset_cases: Iterable[Case], output_dir,
              prompts_by_structure: dict[str, str] | None = None, device: str = "auto",
              progress: Callable[[float, str], None] | None = None, tolerance_mm: float = 2.0,
              worst_cases: int = 3) -> list[dict]:
@@ -209,7 +111,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
     Args:
         model_name_or_path: a loaded RefSAM3D model, a bundled model name, a checkpoint folder,
             or ``None`` for the default model.
-        dataset_cases: the cases (:class:`EvalCase`).
+        dataset_cases: the cases (:class:`RefSAM3DLib.datasets.Case`).
         output_dir: report folder (``report.csv``, ``report.md``, ``worst_*.png``).
         prompts_by_structure: structure key -> prompt text; default the structure's name.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -239,17 +141,17 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
 
     for index, case in enumerate(cases):
         if progress:
-            progress(index / len(cases), f"Case {index + 1}/{len(cases)}: {case.name}")
+            progress(index / len(cases), f"Case {index + 1}/{len(cases)}: {case.case_id}")
         image = read_volume(case.image_path, modality=case.modality, frame=case.frame)
         label = read_volume(case.label_path)
         if label.shape_kji != image.shape_kji or not np.allclose(label.ijk_to_ras, image.ijk_to_ras, atol=1e-3):
-            raise RefSAM3DError(f"{case.name}: the label's grid differs from the image's; labels must lie on the image grid.")
-        prompts = {key: prompts_by_structure.get(key, default_prompt(key)) for key in case.labels.values()}
+            raise RefSAM3DError(f"{case.case_id}: the label's grid differs from the image's; labels must lie on the image grid.")
+        prompts = {key: prompts_by_structure.get(key, default_prompt(key)) for key in case.structures.values()}
         result = segment(image, list(prompts.values()), model=model, device=device)
         spacing_kji = image.spacing_mm[::-1]
         reference_segments = []
         case_rows = []
-        for value, key in case.labels.items():
+        for value, key in case.structures.items():
             reference = label.array == value
             # Scored as a user gets it: the run's label map, where overlapping prompts were resolved.
             number = _find_segment(result, key, prompts[key])
@@ -257,7 +159,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
             metrics = case_metrics(mask, reference, spacing_kji, tolerance_mm)
             structure = lookup(key)
             case_rows.append({
-                "case": case.name, "structure": key, "name": structure.name if structure else key,
+                "case": case.case_id, "structure": key, "name": structure.name if structure else key,
                 "modality": image.modality or "MR", **metrics,
                 "reference_ml": float(reference.sum()) * image.voxel_volume_ml,
                 "predicted_ml": float(np.count_nonzero(mask)) * image.voxel_volume_ml, "prompt": prompts[key],
@@ -266,7 +168,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[EvalCase], output_dir,
         rows.extend(case_rows)
         mean_dice = float(np.mean([r["dice"] for r in case_rows])) if case_rows else 1.0
         reference_result = LabelResult(image, reference_segments, "reference", case.label_path.name)
-        kept = sorted(kept + [(mean_dice, case.name, result, reference_result)], key=lambda k: k[0])[:worst_cases]
+        kept = sorted(kept + [(mean_dice, case.case_id, result, reference_result)], key=lambda k: k[0])[:worst_cases]
 
     worst = []
     for rank, (mean_dice, name, result, reference_result) in enumerate(kept, start=1):
@@ -295,12 +197,12 @@ def evaluate_command(model, data, output_dir, case_names: Sequence[str] | None =
     ``modality`` applies to every case that does not state its own (a windowed CT such as the BTCV
     copies has no air voxels, so its modality cannot be guessed from intensities).
     """
-    cases = [c if c.modality or not modality else replace(c, modality=modality) for c in cases_from_data(data)]
+    cases = [c if c.modality or not modality else replace(c, modality=modality) for c in cases_from_path(data)]
     if case_names:
-        missing = sorted(set(case_names) - {c.name for c in cases})
+        missing = sorted(set(case_names) - {c.case_id for c in cases})
         if missing:
-            raise RefSAM3DError(f"Unknown case(s) {', '.join(missing)}; the data holds {', '.join(c.name for c in cases)}.")
-        cases = [c for c in cases if c.name in set(case_names)]
+            raise RefSAM3DError(f"Unknown case(s) {', '.join(missing)}; the data holds {', '.join(c.case_id for c in cases)}.")
+        cases = [c for c in cases if c.case_id in set(case_names)]
     evaluate(model, cases, output_dir, device=device, tolerance_mm=tolerance_mm)
     return Path(output_dir) / "report.md"
 

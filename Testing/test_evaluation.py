@@ -9,13 +9,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from RefSAM3DLib.datasets import Case, cases_from_path
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.evaluation import (
     EMPTY_MASK_POLICY,
-    EvalCase,
     case_metrics,
-    cases_from_folder_pairs,
-    cases_from_msd,
     evaluate,
     evaluate_command,
     write_report,
@@ -112,11 +110,12 @@ def test_report_has_rows_means_settings_and_policy(tmp_path):
 
 
 def test_cases_from_the_bundled_folder_pairs(samples_dir):
-    cases = {c.name: c for c in cases_from_folder_pairs(samples_dir)}
+    cases = {c.case_id: c for c in cases_from_path(samples_dir)}
     assert {"ts_example_ct", "ct3slice", "msd_spleen_2_crop", "chaos_t2spir_01", "ts_example_mr_sm"} <= set(cases)
-    assert cases["ct3slice"].labels == {1: "liver", 2: "thoracic_spine"}
+    assert cases["ct3slice"].structures == {1: "liver", 2: "thoracic_spine"}
     assert cases["ts_example_ct"].image_path.name == "ts_example_ct_image.nii.gz"
-    assert cases["ts_example_ct"].labels[3] == "kidney_left"
+    assert cases["ts_example_ct"].structures[3] == "kidney_left"
+    assert cases["ts_example_ct"].modality is None  # guessed from the image when it is read
 
 
 def write_case(folder, name, shape_kji=(24, 32, 32), spacing=(2.0, 2.0, 3.0)):
@@ -140,9 +139,16 @@ def test_cases_from_msd_dataset_json(tmp_path):
     dataset = {"name": "Spleen", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"},
                "training": [{"image": "./imagesTr/spleen_2.nii.gz", "label": "./labelsTr/spleen_2.nii.gz"}]}
     (tmp_path / "dataset.json").write_text(json.dumps(dataset))
-    (case,) = cases_from_msd(tmp_path / "dataset.json")
-    assert (case.name, case.labels, case.modality, case.frame) == ("spleen_2", {1: "spleen"}, "CT", None)
-    assert case.label_path == tmp_path / "labelsTr" / "spleen_2.nii.gz"
+    write_case(tmp_path / "imagesTr", "spleen_2")[0].rename(tmp_path / "imagesTr" / "spleen_2.nii.gz")
+    write_case(tmp_path / "labelsTr", "spleen_2")[1].rename(tmp_path / "labelsTr" / "spleen_2.nii.gz")
+    for data in (tmp_path, tmp_path / "dataset.json"):
+        (case,) = cases_from_path(data)
+        assert (case.case_id, case.structures, case.modality, case.frame) == ("spleen_2", {1: "spleen"}, "CT", None)
+        assert case.label_path == tmp_path / "labelsTr" / "spleen_2.nii.gz"
+    dataset["modality"] = {"0": "FLAIR", "1": "T1w"}  # multi-channel: the first channel is read
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset))
+    (case,) = cases_from_path(tmp_path)
+    assert (case.modality, case.frame) == ("MR", 0)
 
 
 def test_evaluate_writes_report_and_worst_case_overlays(tmp_path):
@@ -153,7 +159,7 @@ def test_evaluate_writes_report_and_worst_case_overlays(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     image_path, label_path = write_case(data, "synthetic")
-    case = EvalCase("synthetic", image_path, label_path, {1: "liver", 2: "spleen"}, modality="CT")
+    case = Case("synthetic", "synthetic", image_path, label_path, {1: "liver", 2: "spleen"}, "CT", "synthetic")
     fractions = []
     rows = evaluate(model, [case], tmp_path / "report", device="cpu", progress=lambda f, m: fractions.append(f))
     assert [(r["case"], r["structure"]) for r in rows] == [("synthetic", "liver"), ("synthetic", "spleen")]

@@ -19,7 +19,7 @@ from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.training import train
 from RefSAM3DLib.training.augment import crop_around
 from RefSAM3DLib.training.cache import IMAGE_LEVELS, build_cache, load_case, read_manifest
-from RefSAM3DLib.training.datasets import load_cases, split_by_patient
+from RefSAM3DLib.datasets import load_cases, split_by_patient
 from RefSAM3DLib.training.prepare import PROMPT_TABLE
 from RefSAM3DLib.training.prompts import PromptTable, TableTextEncoder
 from RefSAM3DLib.training.loss import PromptLoss
@@ -62,6 +62,11 @@ def test_bundled_samples_folder_with_bare_file_keys_and_structure_filter(samples
     assert cases[0].structures == {3: "kidney_left", 5: "liver"}
     with pytest.raises(RefSAM3DError, match="unknown cases"):
         load_cases({"name": "s", "root": ".", "modality": "CT", "include": ["no_such_case"]}, samples_dir)
+    # training must know the modality; evaluation (require_modality=False) guesses it when reading
+    with pytest.raises(RefSAM3DError, match="set 'modality'"):
+        load_cases({"name": "s", "root": ".", "include": ["ts_example_ct"]}, samples_dir)
+    (case,) = load_cases({"name": "s", "root": ".", "include": ["ts_example_ct"]}, samples_dir, require_modality=False)
+    assert case.modality is None
 
 
 def test_msd_layout_reads_dataset_json(samples_dir, tmp_path):

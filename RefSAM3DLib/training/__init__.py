@@ -2,8 +2,8 @@
 multi-prompt Dice + CE steps. Entry points: ``train`` (here and ``refsam3d train``) and
 ``python -m RefSAM3DLib.training {prepare,train}``.
 
-Modules: ``config`` (the run's YAML/JSON), ``datasets`` (layouts, patient-level split), ``cache``
-(preprocess once), ``prompts`` (frozen text embeddings once), ``augment`` (MONAI pipeline),
+Modules: ``config`` (the run's YAML/JSON), ``cache`` (preprocess once; the cases and their
+patient-level split come from ``RefSAM3DLib.datasets``, shared with evaluation), ``prompts`` (frozen text embeddings once), ``augment`` (MONAI pipeline),
 ``windows`` (samples), ``prepare`` (cache + prompt table), ``loop`` (the optimisation).
 """
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RefSAM3DError
-from .datasets import Case
+from ..datasets import Case
 
 MANIFEST = "manifest.json"
 CACHE_VERSION = 2
@@ -107,7 +107,7 @@ def preprocess_case(case: Case, model_config, path: Path) -> list[str]:
     """Read, resample, normalise, crop and save one case; returns its annotated structure keys."""
     from ..io import read_volume
     from ..preprocess import IntensitySettings, labels_to_model_space, to_model_space
-    volume = read_volume(case.image_path, modality=case.modality)
+    volume = read_volume(case.image_path, modality=case.modality, frame=case.frame)
     labels = read_volume(case.label_path)
     image, grid = to_model_space(volume, model_config.spacing_mm, IntensitySettings.from_config(model_config, case.modality))
     label = labels_to_model_space(labels, grid)

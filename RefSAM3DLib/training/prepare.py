@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import RefSAM3DError
 from .cache import build_cache, model_space, read_manifest
 from .config import model_config as config_model
-from .datasets import load_cases, split_by_patient
+from ..datasets import load_cases, split_by_patient
 from .prompts import PromptTable, build_prompt_table, phrasings_for
 
 PROMPT_TABLE = "prompts.safetensors"

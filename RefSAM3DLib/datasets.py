@@ -1,12 +1,15 @@
-"""Training data: dataset specs -> cases with patient ids, and the patient-level split.
+"""Labelled datasets, for training and evaluation alike: dataset specs -> cases with patient ids,
+and the patient-level split.
 
-Three layouts are read, each described by one entry of a training config's ``data`` list:
+Three layouts are read, each described by one entry of a training config's ``datasets`` list
+(``refsam3d evaluate --data`` builds the entry from a path: :func:`cases_from_path`):
 
 * ``layout: folder`` -- a folder of ``<case>_image.nii.gz`` + ``<case>_label.nii.gz`` pairs and a
   label-map JSON mapping each label file (``"folder/file"`` relative to the JSON, or the bare file
   name) to ``{value: name}``; the layout of ``../shared/data`` and ``RefSAM3DLib/samples``.
 * ``layout: msd`` -- a Medical Segmentation Decathlon folder with ``dataset.json`` (``labels``,
-  ``modality``, ``training`` list of image/label paths).
+  ``modality``, ``training`` list of image/label paths); a multi-channel image is read at its
+  ``channel`` (default 0).
 * ``layout: json_splits`` -- a BTCV-style JSON with split lists (``training``, ``validation``, ...),
   each a list of image/label paths, plus ``labels``; the JSON's ``validation`` list is honoured.
 
@@ -23,7 +26,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import RefSAM3DError
+from .errors import RefSAM3DError
+from .vocabulary import lookup
 
 IMAGE_SUFFIX = "_image.nii.gz"
 LABEL_SUFFIX = "_label.nii.gz"
@@ -31,7 +35,7 @@ LABEL_SUFFIX = "_label.nii.gz"
 
 @dataclass(frozen=True)
 class Case:
-    """One labelled volume of a training set.
+    """One labelled volume of a dataset.
 
     Args:
         case_id: unique name of the case, e.g. ``"btcv_0005"``.
@@ -39,10 +43,12 @@ class Case:
         image_path: the image file.
         label_path: the label-map file (same grid as the image).
         structures: ``{label value: vocabulary key}`` of the values to train on.
-        modality: ``"CT"`` or ``"MR"``.
+        modality: ``"CT"`` or ``"MR"``; ``None`` only where the caller allowed it (then guessed
+            when the image is read).
         patient_id: the subject; cases sharing it are always on the same side of a split.
         fixed_split: ``"train"``/``"validation"`` when the dataset itself assigns one, else None.
         absent: vocabulary keys of structures certainly not in this image (trained as empty targets).
+        frame: the channel of a multi-channel image to read, else ``None``.
     """
 
     case_id: str
@@ -50,23 +56,27 @@ class Case:
     image_path: Path
     label_path: Path
     structures: dict[int, str]
-    modality: str
+    modality: str | None
     patient_id: str
     fixed_split: str | None = None
     absent: tuple[str, ...] = field(default_factory=tuple)
+    frame: int | None = None
 
 
-def load_cases(spec: dict, base_dir: Path | str = ".") -> list[Case]:
+def load_cases(spec: dict, base_dir: Path | str = ".", require_modality: bool = True) -> list[Case]:
     """Read one dataset entry of a training config.
 
     Args:
         spec: the entry: ``name``, ``layout`` (``folder``/``msd``/``json_splits``), ``root``,
             ``modality`` (``CT``/``MR``; MSD/JSON layouts may take it from their JSON),
-            optional ``labelmap`` (folder layout), ``json`` (json_splits layout),
+            optional ``labelmap`` (folder layout), ``json`` (json_splits layout; for msd, a
+            ``dataset.json`` elsewhere than in ``root``), ``channel`` (msd),
             ``structures`` (list of label names to keep, or ``all``), ``rename`` (``{dataset name:
             vocabulary name}``), ``include``/``exclude`` (case ids), ``patient_regex``,
             ``same_patient``, ``absent`` (structures certainly not in these images).
         base_dir: folder that relative paths in ``spec`` are resolved against.
+        require_modality: refuse a case whose modality neither the spec nor its JSON states
+            (training must know it; evaluation guesses it from the image).
     Returns:
         the cases, sorted by case id.
     """
@@ -103,9 +113,9 @@ def load_cases(spec: dict, base_dir: Path | str = ".") -> list[Case]:
         structures = _resolve(names, strict=wanted != "all", dataset=name)
         if not structures:
             continue
-        modality = str(spec.get("modality") or r.get("modality") or "").upper()
-        if modality not in ("CT", "MR"):
-            raise RefSAM3DError(f"dataset '{name}': modality '{modality}' is not CT or MR; set 'modality' in the config")
+        modality = str(spec.get("modality") or r.get("modality") or "").upper() or None
+        if modality not in ("CT", "MR") and (require_modality or modality is not None):
+            raise RefSAM3DError(f"dataset '{name}': modality '{modality or ''}' is not CT or MR; set 'modality' in the config")
         cases.append(
             Case(
                 case_id=r["case_id"],
@@ -117,6 +127,7 @@ def load_cases(spec: dict, base_dir: Path | str = ".") -> list[Case]:
                 patient_id=_patient_id(r["case_id"], regex, same_patient),
                 fixed_split=r.get("split"),
                 absent=tuple(_resolve(dict(enumerate(spec.get("absent") or [])), True, name).values()),
+                frame=r.get("frame"),
             )
         )
     if not cases:
@@ -127,8 +138,6 @@ def load_cases(spec: dict, base_dir: Path | str = ".") -> list[Case]:
 def _resolve(names: dict[int, str], strict: bool, dataset: str) -> dict[int, str]:
     """Label names -> vocabulary keys; names outside the vocabulary are an error when asked for
     explicitly and are left out when the spec takes ``all`` labels."""
-    from ..vocabulary import lookup
-
     keys = {}
     for value, label in names.items():
         structure = lookup(label)
@@ -171,7 +180,7 @@ def _read_folder(spec: dict, root: Path, base_dir: Path) -> list[dict]:
 
 
 def _read_msd(spec: dict, root: Path, base_dir: Path) -> list[dict]:
-    meta = _read_json(root / "dataset.json")
+    meta = _read_json((base_dir / spec["json"]).resolve() if spec.get("json") else root / "dataset.json")
     return _rows_from_lists(spec, root, meta, {"training": None})
 
 
@@ -184,7 +193,9 @@ def _read_json_splits(spec: dict, root: Path, base_dir: Path) -> list[dict]:
 
 def _rows_from_lists(spec: dict, root: Path, meta: dict, lists: dict[str, str | None]) -> list[dict]:
     labels = {v: n for v, n in _int_keys(meta.get("labels", {})).items() if v != 0}
-    modality = _modality_from_json(meta.get("modality"), spec.get("channel", 0))
+    channel = spec.get("channel", 0)
+    modality = _modality_from_json(meta.get("modality"), channel)
+    frame = channel if isinstance(meta.get("modality"), dict) and len(meta["modality"]) > 1 else None
     rows = []
     for list_name, split in lists.items():
         for item in meta.get(list_name) or []:
@@ -196,7 +207,7 @@ def _rows_from_lists(spec: dict, root: Path, meta: dict, lists: dict[str, str | 
                     raise RefSAM3DError(f"dataset '{spec['name']}': listed file {path} is missing; fix the JSON or 'root'")
             case_id = _strip_nifti(label.name)
             rows.append({"case_id": case_id, "image": image, "label": label, "labels": labels,
-                         "modality": modality, "split": split})
+                         "modality": modality, "split": split, "frame": frame})
     return rows
 
 
@@ -224,6 +235,25 @@ def _strip_nifti(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def cases_from_path(data: Path | str) -> list[Case]:
+    """The cases of ``refsam3d evaluate --data``: an MSD ``dataset.json`` (or a folder holding
+    one), or a folder of ``*_image``/``*_label`` pairs with a ``labelmaps.json`` in it or in its
+    parent (``../shared/data`` keeps one above its dataset folders). Labels outside the vocabulary
+    are left out (no prompt names them); a modality no JSON states is guessed when reading."""
+    data = Path(data)
+    if data.is_dir() and (data / "dataset.json").is_file() and not (data / "labelmaps.json").is_file():
+        data = data / "dataset.json"
+    if data.is_file() and data.suffix == ".json":
+        spec = {"name": data.parent.name, "layout": "msd", "root": str(data.parent), "json": str(data)}
+    elif data.is_dir():
+        candidates = [data / "labelmaps.json", data.parent / "labelmaps.json"]
+        labelmap = next((c for c in candidates if c.is_file()), candidates[0])
+        spec = {"name": data.name, "layout": "folder", "root": str(data), "labelmap": str(labelmap)}
+    else:
+        raise RefSAM3DError(f"{data}: not a folder or a dataset.json; give a data folder with labelmaps.json or an MSD dataset.json.")
+    return load_cases(spec, require_modality=False)
 
 
 def split_by_patient(
