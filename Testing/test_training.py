@@ -19,6 +19,7 @@ from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.training import train
 from RefSAM3DLib.training.augment import crop_around
 from RefSAM3DLib.training.cache import IMAGE_LEVELS, build_cache, load_case, read_manifest
+from RefSAM3DLib.training.config import load_config
 from RefSAM3DLib.datasets import load_cases, split_by_patient
 from RefSAM3DLib.training.prepare import PROMPT_TABLE
 from RefSAM3DLib.training.prompts import PromptTable, TableTextEncoder
@@ -256,6 +257,22 @@ def _with(config, output, **training):
 def _log(run):
     with (run / "log.csv").open() as handle:
         return list(csv.DictReader(handle))
+
+
+def test_a_config_overrides_the_base_it_names(tmp_path):
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    small, vit_b = load_config(configs / "train_small.yaml"), load_config(configs / "train_vit_b.yaml")
+    assert (vit_b["model"], vit_b["training"]["lr"], vit_b["training"]["max_minutes"]) == ("vit_b", 1.0e-4, None)
+    assert vit_b["split"] == small["split"] and vit_b["augment"] == small["augment"]  # inherited
+    assert vit_b["training"]["betas"] == small["training"]["betas"]  # a section merges key by key
+    assert len(vit_b["datasets"]) == len(small["datasets"]) and vit_b["datasets"] != small["datasets"]  # a list replaces
+    assert vit_b["output"] == str((configs.parent / "runs" / "vit_b").resolve())
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nmodel: small\n", encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n", encoding="utf-8")
+    with pytest.raises(RefSAM3DError, match="comes back"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_prompt_table_serves_the_text_encoders_own_embeddings(toy_config, tmp_path):

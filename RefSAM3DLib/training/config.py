@@ -3,7 +3,8 @@ schedule, output), in the spirit of MONAI bundles.
 
 Relative paths: ``output``, ``cache`` and ``data_root`` are relative to the config file's folder;
 each dataset's ``root``, ``labelmap`` and ``json`` are relative to ``data_root``.
-See ``configs/train_small.yaml`` for a commented example.
+A config may name another as its ``base`` and override parts of it (``configs/train_vit_b.yaml``
+on ``train_small.yaml``). See ``configs/train_small.yaml`` for a commented example.
 """
 
 from __future__ import annotations
@@ -55,22 +56,7 @@ def load_config(source: dict | str | Path) -> dict:
         raw, base, name = copy.deepcopy(source), Path.cwd(), ""
     else:
         path = Path(source)
-        if not path.is_file():
-            raise RefSAM3DError(f"training config {path} not found; give a YAML or JSON file (see configs/)")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise RefSAM3DError("YAML training configs need PyYAML: pip install 'refsam3d[train]' (or use JSON).") from None
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                raw = yaml.safe_load(text)
-            else:
-                raw = json.loads(text)
-        except Exception as error:  # noqa: BLE001 -- any parser error is the user's file
-            raise RefSAM3DError(f"{path} is not valid YAML/JSON ({str(error).splitlines()[0]}); fix the file") from None
-        base, name = path.resolve().parent, path.name
+        raw, base, name = _read_with_base(path, ()), path.resolve().parent, path.name
     if not isinstance(raw, dict):
         raise RefSAM3DError("a training config must be a mapping of sections (model, datasets, training, ...)")
     raw = {k: v for k, v in raw.items() if not str(k).startswith("_")}  # a loaded config's own fields
@@ -98,6 +84,48 @@ def load_config(source: dict | str | Path) -> dict:
         json.dumps([config["model"], config["datasets"], config["split"]], sort_keys=True).encode()
     ).hexdigest()[:16]
     return config
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise RefSAM3DError(f"training config {path} not found; give a YAML or JSON file (see configs/)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise RefSAM3DError("YAML training configs need PyYAML: pip install 'refsam3d[train]' (or use JSON).") from None
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except RefSAM3DError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- any parser error is the user's file
+        raise RefSAM3DError(f"{path} is not valid YAML/JSON ({str(error).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise RefSAM3DError(f"{path}: a training config must be a mapping of sections (model, datasets, training, ...)")
+    return raw
+
+
+def _read_with_base(path: Path, chain: tuple[Path, ...]) -> dict:
+    """A config file merged onto the file its ``base`` names (as MONAI bundle configs merge files):
+    sections that are mappings merge key by key, anything else (a list, a value) replaces the
+    base's. Relative paths, inherited ones too, are read against the folder of the file given to
+    :func:`load_config`, so a base lives beside the configs that name it."""
+    raw = _read_file(path)
+    if "base" not in raw:
+        return raw
+    base_path = (path.resolve().parent / str(raw.pop("base"))).resolve()
+    if base_path in chain + (path.resolve(),):
+        raise RefSAM3DError(f"{path}: its 'base' chain comes back to {base_path.name}; remove the loop")
+    merged = _read_with_base(base_path, chain + (path.resolve(),))
+    for key, value in raw.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def model_config(config: dict):
