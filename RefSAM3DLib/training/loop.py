@@ -80,17 +80,9 @@ class MultiPromptStep(nn.Module):
         if image.shape[0] == 1:
             return [self.model.decode(image, features, self.model.encode_prompts(texts[0]))]
         return [
-            self.model.decode(image[b:b + 1], _select(features, b), self.model.encode_prompts(t))
+            self.model.decode(image[b:b + 1], features.select(b), self.model.encode_prompts(t))
             for b, t in enumerate(texts)
         ]
-
-
-def _select(features, b: int):
-    """Window ``b`` of a batch's ImageFeatures (stage_queries carry the batch on dim 1)."""
-    return type(features)(
-        embedding=features.embedding[b:b + 1], stage_queries=features.stage_queries[:, b:b + 1],
-        pixel_features=features.pixel_features[b:b + 1], image_term=features.image_term[b:b + 1],
-    )
 
 
 def train(config: dict | str | Path, resume: bool = False, init: str | Path | None = None,
