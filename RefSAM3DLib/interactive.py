@@ -47,6 +47,15 @@ def pad_to_window(image_dhw: np.ndarray, window_size_vox: int) -> tuple[np.ndarr
     return padded, before
 
 
+def spatial_prompts_on_grid(volume: Volume, grid, points_ras, box_ras) -> tuple[np.ndarray, np.ndarray | None]:
+    """Points ``(N, 3)`` and box ``(6,)`` (or None) from RAS mm to voxels of the model-space
+    ``grid`` (a ``geometry.Grid``); RefSAM3DError for one outside ``volume``. Cheap: callers check
+    a gesture with it before the volume is encoded."""
+    points_dhw = geometry.ras_points_to_dhw(np.asarray(points_ras, dtype=np.float64).reshape(-1, 3), volume, grid)
+    box_dhw = None if box_ras is None else geometry.box_ras_to_dhw(box_ras, volume, grid)
+    return points_dhw, box_dhw
+
+
 class InteractiveSession:
     """One volume, encoded once; text and spatial prompts answered from the cached features.
 
@@ -155,9 +164,9 @@ class InteractiveSession:
             warnings.append("This model was not trained with points or boxes: they are passed to it, "
                             "but its answer to them is unreliable.")
         # RAS -> model-space voxels -> the padded array the windows are cut from.
-        points_dhw = geometry.ras_points_to_dhw(points_ras, self.volume, self.grid.model) + self.pad_before
-        box_dhw = None if box_ras is None else \
-            geometry.box_ras_to_dhw(box_ras, self.volume, self.grid.model) + np.tile(self.pad_before, 2)
+        points_dhw, box_dhw = spatial_prompts_on_grid(self.volume, self.grid.model, points_ras, box_ras)
+        points_dhw = points_dhw + self.pad_before
+        box_dhw = None if box_dhw is None else box_dhw + np.tile(self.pad_before, 2)
         with torch.no_grad():
             embeddings = self.model.encode_prompts([text])
 
