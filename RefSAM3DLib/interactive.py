@@ -25,9 +25,9 @@ from monai.inferers import sliding_window_inference
 
 from . import geometry, preprocess
 from .errors import RefSAM3DError
-from .inference import (_as_model, check_memory, check_overlap, expand_prompts, model_name, model_version,
-                        postprocess_mask, resolve_device, untrained_structure_warnings)
-from .io import guess_modality
+from .inference import (_as_model, check_memory, check_overlap, count_windows, expand_prompts, model_name,
+                        model_version, postprocess_mask, resolve_device, untrained_structure_warnings)
+from .io import available_memory_bytes, guess_modality
 from .model.prompt_encoder import NO_TEXT_PROMPT
 from .result import LabelResult, Segment
 from .sliding_window import windows_per_batch
@@ -56,6 +56,22 @@ def spatial_prompts_on_grid(volume: Volume, grid, points_ras, box_ras) -> tuple[
     return points_dhw, box_dhw
 
 
+def check_cache_memory(shape_dhw, config, overlap: float, device: torch.device) -> None:
+    """Refuse, before encoding, a feature cache that cannot fit where it is kept (``device``).
+
+    Per window: the full-resolution pixel features and image fusion term (float32) dominate.
+    """
+    window = config.window_size_vox
+    per_window = 4 * window**3 * (config.upsample_channels[-1] + config.fusion_channels)
+    needed = count_windows([max(s, window) for s in shape_dhw], window, overlap) * per_window
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
+    if free is not None and needed > free:
+        raise RefSAM3DError(
+            f"The interactive cache of this volume needs about {needed / 2**30:.1f} GiB and "
+            f"{free / 2**30:.1f} GiB is free on {device}; crop the volume, lower the overlap, or use "
+            "segment() (it keeps no cache).")
+
+
 class InteractiveSession:
     """One volume, encoded once; text and spatial prompts answered from the cached features.
 
@@ -65,8 +81,8 @@ class InteractiveSession:
         device: ``auto``, ``cpu`` or ``cuda``.
         overlap: sliding-window overlap (0 to 0.9), as in ``segment``.
 
-    Memory: the cache holds each window's ImageFeatures (for the small config ~45 MB per 96^3
-    window, float32, on ``device``).
+    Memory: the cache holds each window's ImageFeatures on ``device`` (small config: ~45 MB per 96^3
+    window; vit_b: ~170 MB per 128^3 window), checked against the free memory before encoding.
     """
 
     def __init__(self, volume: Volume, model=None, device: str = "auto", overlap: float = 0.25) -> None:
@@ -81,7 +97,9 @@ class InteractiveSession:
         modality = volume.modality or guess_modality(volume.array) or "MR"
         self.warnings = [] if volume.modality else [
             f"Modality not given; treated as {modality} from its intensities (pass --modality to choose)."]
-        check_memory(volume, preprocess.model_grid(volume, config.spacing_mm).shape_dhw, 1)
+        model_shape = preprocess.model_grid(volume, config.spacing_mm).shape_dhw
+        check_memory(volume, model_shape, 1)
+        check_cache_memory(model_shape, config, overlap, self.device)
         image_dhw, self.grid = preprocess.to_model_space(
             volume, config.spacing_mm, preprocess.IntensitySettings.from_config(config, modality))
         padded, self.pad_before = pad_to_window(image_dhw, self.window)

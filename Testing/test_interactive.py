@@ -108,3 +108,15 @@ def test_padding_matches_monais_split_of_the_shortfall():
     padded, before = pad_to_window(np.ones((5, 40, 8), np.float32), 32)
     assert padded.shape == (32, 40, 32) and before.tolist() == [13, 0, 12]
     assert padded[13:18, :, 12:20].all() and padded.sum() == 5 * 40 * 8
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_encoding(tiny, oblique_ct, monkeypatch):
+    monkeypatch.setattr("RefSAM3DLib.interactive.available_memory_bytes", lambda: 10 * 2**20)
+    calls = []
+    handle = tiny.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(RefSAM3DError, match="interactive cache of this volume needs about"):
+            InteractiveSession(oblique_ct, model=tiny, device="cpu")
+    finally:
+        handle.remove()
+    assert calls == []
