@@ -8,6 +8,9 @@ Volume goes through this module, so the flip happens exactly once.
 A SimpleITK image's geometry is ``origin`` (LPS mm of voxel (0, 0, 0)), ``spacing`` (mm along
 i, j, k) and ``direction`` (3x3, column c = unit LPS vector of index axis c). Then
 ``ijk_to_lps = [[direction @ diag(spacing), origin], [0, 0, 0, 1]]``.
+
+Spatial prompts (clicks and boxes in RAS mm, Slicer's world space) become voxels here too: of the
+input volume (to check they lie on it), of the model-space grid, and of one sliding window.
 """
 
 from __future__ import annotations
