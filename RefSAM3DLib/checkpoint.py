@@ -139,7 +139,9 @@ def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def load_sam_weights(model: RefSAM3D, path: "str | Path") -> LoadReport:
-    """Copy an official-format SAM checkpoint into the model's 3D image encoder.
+    """Copy an official-format SAM checkpoint into the model's 3D image encoder, and start its mask
+    decoder and spatial prompt encoder from SAM's where the shapes carry over
+    (:func:`_load_sam_decoder_and_prompt_weights` says which do not).
 
     2D patch kernel -> frozen 1 x k x k kernel (with SAM's pixel normalisation folded in), (h, w)
     position table resized to the token grid, relative-position tables resized to the 3D window
@@ -203,19 +205,68 @@ def load_sam_weights(model: RefSAM3D, path: "str | Path") -> LoadReport:
             raise RefSAM3DError(f"{Path(path).name}: {name} has shape {tuple(tensor.shape)}, model needs {tuple(own[name].shape)}.")
     encoder.load_state_dict(new, strict=False)
 
+    decoder_loaded = _load_sam_decoder_and_prompt_weights(model, state)
+    used_by_decoder = {key for keys in decoder_loaded.values() for key in keys}
     petl = encoder.petl_parameter_names()
     report = LoadReport(
         source=str(path),
-        loaded=sorted(new),
+        loaded=sorted(new) + sorted(decoder_loaded),
         missing=sorted(n for n in own if n not in new and n not in petl),
         unexpected=sorted(prefix + k for k in encoder_state if k not in used)
-        + sorted(k for k in state if not k.startswith(prefix)),
+        + sorted(k for k in state if not k.startswith(prefix) and k not in used_by_decoder),
     )
     if config.pretrained_image_encoder and report.missing:
         raise RefSAM3DError(f"{Path(path).name} lacks frozen weights {report.missing[:8]}; the file is incomplete.")
     model.base_weights["sam_image_encoder"] = weights.sha256_file(Path(path))
     log.info("SAM weights: %s", report.summary())
     return report
+
+
+def _sam_decoder_candidates(model: RefSAM3D, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """Our decoder/prompt-encoder parameter -> (SAM's tensor for it, the SAM keys it comes from).
+
+    SAM's ``TwoWayTransformer`` is ours (same class, same names); SAM's first output token and
+    its hypernetwork are our single mask token and hypernetwork (SAM's single-mask output);
+    SAM's point embeddings (0 negative, 1 positive, 2 and 3 box corners) and not-a-point
+    embedding are ours in the same order.
+    """
+    pairs = {f"mask_decoder.transformer.{name}": [f"mask_decoder.transformer.{name}"]
+             for name, _ in model.mask_decoder.transformer.named_parameters()}
+    pairs["mask_decoder.mask_token.weight"] = ["mask_decoder.mask_tokens.weight"]
+    for layer in range(len(model.mask_decoder.hypernetwork.layers)):
+        for kind in ("weight", "bias"):
+            pairs[f"mask_decoder.hypernetwork.layers.{layer}.{kind}"] = [
+                f"mask_decoder.output_hypernetworks_mlps.0.layers.{layer}.{kind}"]
+    pairs["spatial_prompts.point_embeddings.weight"] = [f"prompt_encoder.point_embeddings.{i}.weight" for i in range(4)]
+    pairs["spatial_prompts.not_a_point.weight"] = ["prompt_encoder.not_a_point_embed.weight"]
+    candidates = {}
+    for ours, keys in pairs.items():
+        if all(key in state for key in keys):
+            tensor = torch.cat([state[key] for key in keys])
+            candidates[ours] = (tensor[:1] if ours == "mask_decoder.mask_token.weight" else tensor, keys)
+    return candidates
+
+
+def _load_sam_decoder_and_prompt_weights(model: RefSAM3D, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Start the 3D mask decoder and spatial prompt encoder from SAM's where shapes carry over.
+
+    What does not carry over: SAM's 2D up-scaling convolutions, IoU head and extra mask tokens
+    (our pixel decoder is 3D and there is one mask per prompt), the last hypernetwork layer when
+    its width (SAM: transformer_dim / 8) differs from our full-resolution channels (vit_b: 32 vs
+    16), the random Fourier matrix (2D there, a fixed-seed 3D buffer here), and SAM's mask prompt
+    (``no_mask_embed``, ``mask_downscaling``: ours takes text instead).
+
+    Returns:
+        our parameter name -> the SAM keys copied into it.
+    """
+    own = dict(model.named_parameters())
+    loaded = {}
+    with torch.no_grad():
+        for ours, (tensor, keys) in _sam_decoder_candidates(model, state).items():
+            if tuple(tensor.shape) == tuple(own[ours].shape):
+                own[ours].copy_(tensor)
+                loaded[ours] = keys
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------

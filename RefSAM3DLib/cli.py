@@ -20,12 +20,33 @@ SEGMENT_EPILOG = """examples:
   refsam3d segment ct.nii.gz --prompt "liver, spleen, left kidney" --output ct.seg.nrrd --overlay ct.png
   refsam3d segment dicom_folder/ --prompt aorta --output out/ --device cuda
   refsam3d segment studies/*.nii.gz --prompt liver --prompt spleen --output results/
+  refsam3d segment ct.nii.gz --prompt spleen --point 60,-20,110 --negative-point 80,-5,120 --output spleen.nii.gz
+  refsam3d segment ct.nii.gz --box 40,-60,90,110,10,160 --output structure.nii.gz
+
+Points and boxes are RAS millimetres (Slicer's world coordinates). They refine the ONE structure
+of --prompt; without --prompt they segment the structure at the points / in the box.
 
 Outputs: a label map (values 1..N in prompt order) + a JSON summary next to it, or a Slicer
 .seg.nrrd (segments may overlap). Not a medical device; not for clinical use.
 """
 
 OUTPUT_SUFFIXES = (SEG_NRRD_SUFFIX, *LABELMAP_SUFFIXES)
+
+
+def ras_numbers(count: int):
+    """argparse type: ``count`` comma-separated millimetre values (``R,A,S``)."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count or not all(abs(v) < float("inf") for v in values):
+            shape = "R,A,S" if count == 3 else "R1,A1,S1,R2,A2,S2"
+            raise argparse.ArgumentTypeError(f"'{text}' is not {count} numbers {shape} (RAS mm, comma-separated)")
+        return values
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     seg.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of volumes")
-    seg.add_argument("--prompt", "-p", action="append", required=True, help="text naming one or more structures")
+    seg.add_argument("--prompt", "-p", action="append", help="text naming one or more structures")
+    seg.add_argument("--point", action="append", type=ras_numbers(3), default=[], metavar="R,A,S",
+                     help="a click inside the structure, RAS mm (repeatable)")
+    seg.add_argument("--negative-point", action="append", type=ras_numbers(3), default=[], metavar="R,A,S",
+                     help="a click on something that is NOT the structure, RAS mm (repeatable)")
+    seg.add_argument("--box", type=ras_numbers(6), metavar="R1,A1,S1,R2,A2,S2",
+                     help="two opposite corners of a box around the structure, RAS mm")
     seg.add_argument("--output", "-o", required=True, help="output file (.nii.gz, .seg.nrrd) or folder")
     seg.add_argument("--format", choices=["nii.gz", "seg.nrrd"], default="nii.gz", help="file type when --output is a folder")
     seg.add_argument("--overlay", help="PNG overlay file (single input) or folder (batch)")
@@ -78,9 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COORDINATE_OPTIONS = ("--point", "--negative-point", "--box")
+
+
+def coordinates_attached(argv: list[str]) -> list[str]:
+    """``--point -5,3,2`` as ``--point=-5,3,2``: argparse takes a value that starts with '-' and is
+    not one plain number for an option, and RAS coordinates are often negative."""
+    attached, index = [], 0
+    while index < len(argv):
+        if argv[index] in COORDINATE_OPTIONS and index + 1 < len(argv):
+            attached.append(f"{argv[index]}={argv[index + 1]}")
+            index += 2
+        else:
+            attached.append(argv[index])
+            index += 1
+    return attached
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(coordinates_attached(list(sys.argv[1:] if argv is None else argv)))
     if args.command == "train":  # its options belong to the training entry point
         args.training_args = extra
     elif extra:
@@ -206,9 +250,14 @@ def run_segment(args) -> int:
     from . import io
     from .checkpoint import load_model
     from .inference import check_overlap, resolve_device, segment
+    from . import preprocess
+    from .interactive import InteractiveSession, spatial_prompts_on_grid
 
     check_overlap(args.overlap)
+    spatial = spatial_prompts(args)
     inputs = expand_inputs(args.inputs)
+    if spatial is not None and len(inputs) > 1:
+        raise RefSAM3DError("Points and boxes are places in ONE volume; give one input with --point/--box.")
     plan = plan_outputs(inputs, args.output, args.format, args.overlay, args.overwrite)
     device = resolve_device(args.device)
     if device.type == "cpu" and args.device == "auto" and not args.progress_lines:
@@ -236,16 +285,18 @@ def run_segment(args) -> int:
             model = load_model(args.model, device=str(device))  # a bad model stops the whole batch
         reporter = ProgressReporter(args.progress_lines, input_path.name)
         try:
-            result = segment(
-                volume,
-                args.prompt,
-                model=model,
-                device=str(device),
-                overlap=args.overlap,
-                largest_component=args.largest_component,
-                fill_holes=args.fill_holes,
-                progress=reporter,
-            )
+            options = dict(largest_component=args.largest_component, fill_holes=args.fill_holes)
+            if spatial is not None:  # a point off the volume is refused before the encoding
+                spatial_prompts_on_grid(volume, preprocess.model_grid(volume, model.config.spacing_mm).model,
+                                        spatial["points_ras"], spatial["box_ras"])
+                reporter(0.0, "Encoding the volume")
+                session = InteractiveSession(volume, model=model, device=str(device), overlap=args.overlap)
+                result = session.segment(args.prompt[0] if args.prompt else None, **spatial, **options)
+                result.elapsed_s += session.encode_s
+                reporter(1.0, "Done")
+            else:
+                result = segment(volume, args.prompt, model=model, device=str(device), overlap=args.overlap,
+                                 progress=reporter, **options)
             write_outputs(result, output_path, png, args.overwrite)
         except (RefSAM3DError, OSError) as error:
             if isinstance(error, Cancelled):
@@ -266,6 +317,25 @@ def run_segment(args) -> int:
         for path, message in failures:
             print(f"  failed: {io.display_name(path)}: {message}")
     return 1 if failures else 0
+
+
+def spatial_prompts(args) -> dict | None:
+    """The ``InteractiveSession.segment`` arguments of --point/--negative-point/--box, or None
+    without them; a text prompt is then required. Several text prompts with them are refused."""
+    from .vocabulary import parse_prompts
+
+    if not (args.point or args.negative_point or args.box):
+        if not args.prompt:
+            raise RefSAM3DError("No prompt given: name a structure with --prompt, or place --point/--box.")
+        return None
+    structures = [p for text in args.prompt or [] for p in parse_prompts(text)]
+    if len(structures) > 1:
+        raise RefSAM3DError(
+            f"Points and boxes refine ONE structure, but the prompts name {len(structures)} "
+            f"({', '.join(p.text for p in structures)}); give a single --prompt with them.")
+    return {"points_ras": list(args.point) + list(args.negative_point),
+            "point_labels": [1] * len(args.point) + [0] * len(args.negative_point),
+            "box_ras": args.box}
 
 
 def write_outputs(result, output_path: Path, png: Path | None, overwrite: bool) -> None:

@@ -8,6 +8,9 @@ Volume goes through this module, so the flip happens exactly once.
 A SimpleITK image's geometry is ``origin`` (LPS mm of voxel (0, 0, 0)), ``spacing`` (mm along
 i, j, k) and ``direction`` (3x3, column c = unit LPS vector of index axis c). Then
 ``ijk_to_lps = [[direction @ diag(spacing), origin], [0, 0, 0, 1]]``.
+
+Spatial prompts (clicks and boxes in RAS mm, Slicer's world space) become voxels here too: of the
+input volume (to check they lie on it), of the model-space grid, and of one sliding window.
 """
 
 from __future__ import annotations
@@ -165,3 +168,87 @@ def resample(image: sitk.Image, grid: Grid, interpolator: int = sitk.sitkLinear,
     resampler.SetDefaultPixelValue(float(default_value))
     resampler.SetOutputPixelType(pixel_type)
     return resampler.Execute(image)
+
+
+# Spatial prompts: RAS millimetres (Slicer's world space) -> voxels of a grid -> window voxels.
+# A point's voxel coordinates are continuous indices: voxel n spans n - 0.5 .. n + 0.5.
+
+
+def ras_to_ijk(points_ras, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Continuous voxel indices ``(N, 3)`` (i, j, k) of RAS points ``(N, 3)`` in mm."""
+    points = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
+    homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+    return (np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64)) @ homogeneous.T).T[:, :3]
+
+
+def nearest_voxel_kji(point_ras, volume: Volume) -> tuple[int, int, int]:
+    """The ``(k, j, i)`` index of ``volume``'s voxel holding ``point_ras``; RefSAM3DError outside."""
+    ijk = ras_to_ijk(point_ras, volume.ijk_to_ras)[0]
+    _check_points_inside(ijk[None], volume.shape_kji[::-1], [point_ras], volume.name)
+    i, j, k = (int(v) for v in np.floor(ijk + 0.5))
+    return k, j, i
+
+
+def _check_points_inside(ijk: np.ndarray, size_ijk, points_ras, name: str) -> None:
+    outside = np.any((ijk < -0.5) | (ijk > np.asarray(size_ijk) - 0.5), axis=1)
+    if outside.any():
+        point = ", ".join(f"{v:.1f}" for v in np.asarray(points_ras, dtype=float).reshape(-1, 3)[outside.argmax()])
+        raise RefSAM3DError(
+            f"The point ({point}) RAS mm lies outside {name or 'the volume'}; place points on the image "
+            "(Slicer's RAS world coordinates in mm)."
+        )
+
+
+def ras_points_to_dhw(points_ras, volume: Volume, grid: Grid) -> np.ndarray:
+    """RAS points ``(N, 3)`` -> continuous ``(d, h, w)`` voxel coordinates ``(N, 3)`` on ``grid``
+    (the model-space grid, whose array is ``(D, H, W) = (k, j, i)``).
+
+    Raises RefSAM3DError when a point lies outside ``volume`` (its own voxels, oblique or not).
+    """
+    points = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
+    _check_points_inside(ras_to_ijk(points, volume.ijk_to_ras), volume.shape_kji[::-1], points, volume.name)
+    return ras_to_ijk(points, grid.ijk_to_ras)[:, ::-1].copy()
+
+
+def box_ras_to_dhw(box_ras, volume: Volume, grid: Grid) -> np.ndarray:
+    """A RAS box ``(R1, A1, S1, R2, A2, S2)`` (any two opposite corners, in any order) ->
+    ``(d0, h0, w0, d1, h1, w1)`` on ``grid`` with low <= high, clipped to the grid's voxels.
+
+    The box is axis-aligned in RAS, so it is axis-aligned on the model grid (axis-aligned in LPS).
+    Raises RefSAM3DError when it does not overlap the volume's extent or has a wrong length.
+    """
+    values = np.asarray(box_ras, dtype=np.float64).ravel()
+    if values.size != 6 or not np.all(np.isfinite(values)):
+        raise RefSAM3DError(
+            f"A box needs 6 numbers R1,A1,S1,R2,A2,S2 (two opposite corners in RAS mm), got {values.size}."
+        )
+    low, high = np.minimum(values[:3], values[3:]), np.maximum(values[:3], values[3:])
+    corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+    corners_ijk = ras_to_ijk(corners, volume.ijk_to_ras)
+    size_ijk = np.asarray(volume.shape_kji[::-1], dtype=np.float64)
+    if np.any(corners_ijk.max(axis=0) < -0.5) or np.any(corners_ijk.min(axis=0) > size_ijk - 0.5):
+        shown = ", ".join(f"{v:.1f}" for v in values)
+        raise RefSAM3DError(
+            f"The box ({shown}) RAS mm lies outside {volume.name or 'the volume'}; draw it on the image "
+            "(two opposite corners in Slicer's RAS world coordinates in mm)."
+        )
+    corners_dhw = ras_to_ijk(corners, grid.ijk_to_ras)[:, ::-1]
+    upper = np.asarray(grid.shape_kji, dtype=np.float64) - 1.0
+    start = np.clip(corners_dhw.min(axis=0), 0.0, upper)
+    end = np.clip(corners_dhw.max(axis=0), 0.0, upper)
+    return np.concatenate([start, end])
+
+
+def points_in_window(points_dhw: np.ndarray, window_start_dhw, window_size_vox: int) -> np.ndarray:
+    """Which points ``(N, 3)`` (model-space voxels) lie inside the window: bool ``(N,)``."""
+    local = np.asarray(points_dhw, dtype=np.float64).reshape(-1, 3) - np.asarray(window_start_dhw)
+    return np.all((local >= -0.5) & (local < window_size_vox - 0.5), axis=1)
+
+
+def box_in_window(box_dhw: np.ndarray, window_start_dhw, window_size_vox: int) -> np.ndarray | None:
+    """A model-space box ``(6,)`` in window voxels, clipped to the window; None when they do not meet."""
+    start = np.asarray(window_start_dhw, dtype=np.float64)
+    low, high = np.asarray(box_dhw[:3]) - start, np.asarray(box_dhw[3:]) - start
+    if np.any(high < -0.5) or np.any(low > window_size_vox - 0.5):
+        return None
+    return np.concatenate([np.clip(low, 0, window_size_vox - 1), np.clip(high, 0, window_size_vox - 1)])

@@ -14,6 +14,10 @@ import torch
 from torch import nn
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
+NO_TEXT_PROMPT = "the structure at this point"
+"""The text that accompanies points or a box given without a text prompt (the model always
+decodes with a text embedding; this one names no structure)."""
+
 
 class PositionEmbeddingRandom3D(PositionEmbeddingRandom):
     """Random-Fourier positional encoding of 3D coordinates.

@@ -46,6 +46,11 @@ class ImageFeatures:
     pixel_features: torch.Tensor
     image_term: torch.Tensor
 
+    def select(self, b: int) -> "ImageFeatures":
+        """Window ``b`` of the batch, as a batch of one (stage_queries carry the batch on dim 1)."""
+        return ImageFeatures(self.embedding[b:b + 1], self.stage_queries[:, b:b + 1],
+                             self.pixel_features[b:b + 1], self.image_term[b:b + 1])
+
 
 @dataclass
 class PromptEmbeddings:

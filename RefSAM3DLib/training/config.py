@@ -40,7 +40,19 @@ DEFAULTS = {
         "dataset_weights": {},
     },
     "augment": {},
+    # Simulated gestures (training/gestures.py), trained with text on the same encoder pass.
+    "interactive": {
+        "enabled": False,
+        "rounds": 3,          # gesture rounds per window after the text-only round
+        "box_prob": 0.5,      # probability that the first round carries a jittered box
+        "box_jitter": 0.1,    # box faces move by up to this fraction of the box's extent
+        "max_structures": 4,  # present structures refined per window (bounds the decoding cost)
+        "weight": 1.0,        # weight of the mean gesture loss against the text-only loss
+    },
 }
+
+_INTERACTIVE_RANGES = {"rounds": (1, 20), "box_prob": (0.0, 1.0), "box_jitter": (0.0, 1.0),
+                       "max_structures": (1, 64), "weight": (0.0, 100.0)}
 
 
 def load_config(source: dict | str | Path) -> dict:
@@ -67,7 +79,7 @@ def load_config(source: dict | str | Path) -> dict:
     config = copy.deepcopy(DEFAULTS)
     for key, value in raw.items():
         if isinstance(config.get(key), dict) and isinstance(value, dict):
-            unknown = set(value) - set(config[key]) if key in ("training", "prompts", "split") else set()
+            unknown = set(value) - set(config[key]) if key in ("training", "prompts", "split", "interactive") else set()
             if unknown:
                 raise RefSAM3DError(f"unknown keys {sorted(unknown)} in section '{key}'; known: {sorted(config[key])}")
             config[key].update(value)
@@ -75,6 +87,7 @@ def load_config(source: dict | str | Path) -> dict:
             config[key] = value
     if not config["datasets"]:
         raise RefSAM3DError("the config lists no datasets; add a 'datasets' section")
+    _check_interactive(config["interactive"])
 
     config["output"] = str((base / config["output"]).resolve())
     config["cache"] = str((base / config["cache"]).resolve()) if config["cache"] else str(Path(config["output"]) / "cache")
@@ -84,6 +97,18 @@ def load_config(source: dict | str | Path) -> dict:
         json.dumps([config["model"], config["datasets"], config["split"]], sort_keys=True).encode()
     ).hexdigest()[:16]
     return config
+
+
+def _check_interactive(section: dict) -> None:
+    """The ``interactive`` section's values: a boolean switch and numbers in their ranges."""
+    if not isinstance(section.get("enabled"), bool):
+        raise RefSAM3DError(f"interactive.enabled must be true or false, not {section.get('enabled')!r}")
+    for key, (low, high) in _INTERACTIVE_RANGES.items():
+        value = section[key]
+        integer = key in ("rounds", "max_structures")
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
+            kind = "an integer" if integer else "a number"
+            raise RefSAM3DError(f"interactive.{key} must be {kind} in {low}..{high}, not {value!r}; fix the config")
 
 
 def _read_file(path: Path) -> dict:

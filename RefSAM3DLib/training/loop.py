@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..errors import RefSAM3DError
 from .cache import model_space, read_manifest
 from .config import load_config, model_config
+from .gestures import gesture_rounds, subset
 from .loss import PromptLoss
 from .prepare import PROMPT_TABLE, prepare
 from .prompts import PromptTable, TableTextEncoder
@@ -80,17 +81,59 @@ class MultiPromptStep(nn.Module):
         if image.shape[0] == 1:
             return [self.model.decode(image, features, self.model.encode_prompts(texts[0]))]
         return [
-            self.model.decode(image[b:b + 1], _select(features, b), self.model.encode_prompts(t))
+            self.model.decode(image[b:b + 1], features.select(b), self.model.encode_prompts(t))
             for b, t in enumerate(texts)
         ]
 
 
-def _select(features, b: int):
-    """Window ``b`` of a batch's ImageFeatures (stage_queries carry the batch on dim 1)."""
-    return type(features)(
-        embedding=features.embedding[b:b + 1], stage_queries=features.stage_queries[:, b:b + 1],
-        pixel_features=features.pixel_features[b:b + 1], image_term=features.image_term[b:b + 1],
-    )
+class GestureStep(MultiPromptStep):
+    """``MultiPromptStep`` plus simulated gestures (:mod:`.gestures`) on the same encoder pass:
+    each window is decoded from its text alone (round 0, exactly the text-only step), then its
+    present structures (at most ``max_structures``) for ``rounds`` rounds of box and clicks.
+
+    Args:
+        model: the RefSAM3D.
+        settings: the config's ``interactive`` section.
+
+    ``forward(image (B, 1, D, H, W), texts: B lists, targets: B tensors (P_b, D, H, W))`` -> B lists
+    of ``(logits (1, P, D, H, W), target (P, D, H, W))``: the text-only pair first, then one per round.
+    """
+
+    def __init__(self, model: nn.Module, settings: dict) -> None:
+        super().__init__(model)
+        self.settings = settings
+
+    def forward(self, image: torch.Tensor, texts: list[list[str]], targets: list[torch.Tensor]) -> list[list]:
+        features = self.model.encode_image(image)
+        out = []
+        for b, (window_texts, target) in enumerate(zip(texts, targets)):
+            window, window_features = image[b:b + 1], features.select(b)
+            prompts = self.model.encode_prompts(window_texts)
+            logits = self.model.decode(window, window_features, prompts)
+            pairs = [(logits, target)]
+            present = torch.nonzero(target.flatten(1).any(dim=1)).flatten()
+            present = present[torch.randperm(len(present))[: self.settings["max_structures"]]].sort().values.tolist()
+            if present:
+                chosen = subset(prompts, present)
+
+                def decode(points, labels, boxes, chosen=chosen, window=window, window_features=window_features):
+                    return self.model.decode(window, window_features, chosen, points_dhw=points,
+                                             point_labels=labels, boxes_dhw=boxes)
+
+                rounds = gesture_rounds(decode, logits[:, present], target[present], self.settings["rounds"],
+                                        self.settings["box_prob"], self.settings["box_jitter"])
+                pairs += [(round_logits, target[present]) for round_logits in rounds]
+            out.append(pairs)
+        return out
+
+
+def gesture_loss(loss_fn: nn.Module, pairs: list, weight: float, device) -> torch.Tensor:
+    """One window's loss: the text-only term plus ``weight`` times the mean over gesture rounds."""
+    text = loss_fn(pairs[0][0].float(), pairs[0][1].to(device)[None].float())
+    if len(pairs) == 1:
+        return text
+    rounds = [loss_fn(lg.float(), tg.to(device)[None].float()) for lg, tg in pairs[1:]]
+    return text + weight * sum(rounds) / len(rounds)
 
 
 def train(config: dict | str | Path, resume: bool = False, init: str | Path | None = None,
@@ -180,7 +223,8 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
     else:
         torch.manual_seed(t["seed"] + 1 + rank)
 
-    step_module = MultiPromptStep(model)
+    gestures = cfg["interactive"] if cfg["interactive"]["enabled"] else None
+    step_module = GestureStep(model, gestures) if gestures else MultiPromptStep(model)
     if world > 1:
         # Point/box prompt parameters are unused by text-only steps.
         step_module = nn.parallel.DistributedDataParallel(
@@ -208,7 +252,7 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
 
     def save(directory_name: str, val_dice: float | None = None) -> None:
         metadata = {
-            "step": step, "val_dice": val_dice, "training_config": cfg["_source"],
+            "step": step, "val_dice": val_dice, "training_config": cfg["_source"], "spatial_prompts": bool(gestures),
             "structures": sorted(table.structures), "datasets": sorted({e["dataset"] for e in train_entries}),
             "train_cases": [e["case_id"] for e in train_entries], "validation_cases": [e["case_id"] for e in val_entries],
         }
@@ -237,10 +281,17 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
                 tic = time.perf_counter()
                 batch = next(data)
                 image = batch["image"].to(device, non_blocking=True)
-                with autocast:
-                    logits = step_module(image, batch["texts"])
-                loss = sum(loss_fn(lg.float(), tg.to(device)[None].float()) for lg, tg in zip(logits, batch["target"]))
-                loss = loss / len(logits)
+                if gestures:
+                    targets = [tg.to(device) for tg in batch["target"]]
+                    with autocast:
+                        windows = step_module(image, batch["texts"], targets)
+                    loss = sum(gesture_loss(loss_fn, pairs, gestures["weight"], device) for pairs in windows)
+                    loss = loss / len(windows)
+                else:
+                    with autocast:
+                        logits = step_module(image, batch["texts"])
+                    loss = sum(loss_fn(lg.float(), tg.to(device)[None].float()) for lg, tg in zip(logits, batch["target"]))
+                    loss = loss / len(logits)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if t["grad_clip"]:

@@ -1,0 +1,231 @@
+"""Interactive refinement: encode a volume once, then answer text and spatial prompts from the cache.
+
+The 3D version of SAM's ``SamPredictor`` (``set_image`` once, ``predict`` many times)::
+
+    session = InteractiveSession(volume)                     # every window encoded once
+    first = session.segment("spleen")                       # text alone
+    fixed = session.segment("spleen", points_ras=[(r, a, s)], point_labels=[0])   # "not here"
+    boxed = session.segment(None, box_ras=(r1, a1, s1, r2, a2, s2))   # "the structure in this box"
+
+Spatial prompts are RAS millimetres (Slicer's world space); :mod:`RefSAM3DLib.geometry` takes
+them to model-space voxels. Each window is decoded with the points that fall inside it and the
+box clipped to it; a window the gesture does not touch is decoded from the text alone (or, with no
+text, contributes nothing). Windows are those of the engine (MONAI's sliding window with Gaussian
+blending), so a text-only answer equals :func:`RefSAM3DLib.inference.segment`'s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from . import geometry, preprocess
+from .errors import RefSAM3DError
+from .inference import (_as_model, check_memory, check_overlap, count_windows, expand_prompts, model_name,
+                        model_version, postprocess_mask, resolve_device, untrained_structure_warnings)
+from .io import available_memory_bytes, guess_modality
+from .model.prompt_encoder import NO_TEXT_PROMPT
+from .result import LabelResult, Segment
+from .sliding_window import windows_per_batch
+from .volume import Volume
+
+
+def pad_to_window(image_dhw: np.ndarray, window_size_vox: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad each axis shorter than a window up to it, as MONAI's sliding window would (zeros, the
+    shortfall split ``half`` before and the rest after), so that window slices need no shift.
+
+    Returns:
+        the padded ``(D', H', W')`` array and the padding before each axis ``(3,)``.
+    """
+    shortfall = np.maximum(window_size_vox - np.asarray(image_dhw.shape), 0)
+    before = shortfall // 2
+    padded = np.pad(image_dhw, [(b, s - b) for b, s in zip(before, shortfall)])
+    return padded, before
+
+
+def spatial_prompts_on_grid(volume: Volume, grid, points_ras, box_ras) -> tuple[np.ndarray, np.ndarray | None]:
+    """Points ``(N, 3)`` and box ``(6,)`` (or None) from RAS mm to voxels of the model-space
+    ``grid`` (a ``geometry.Grid``); RefSAM3DError for one outside ``volume``. Cheap: callers check
+    a gesture with it before the volume is encoded."""
+    points_dhw = geometry.ras_points_to_dhw(np.asarray(points_ras, dtype=np.float64).reshape(-1, 3), volume, grid)
+    box_dhw = None if box_ras is None else geometry.box_ras_to_dhw(box_ras, volume, grid)
+    return points_dhw, box_dhw
+
+
+def check_cache_memory(shape_dhw, config, overlap: float, device: torch.device) -> None:
+    """Refuse, before encoding, a feature cache that cannot fit where it is kept (``device``).
+
+    Per window: the full-resolution pixel features and image fusion term (float32) dominate.
+    """
+    window = config.window_size_vox
+    per_window = 4 * window**3 * (config.upsample_channels[-1] + config.fusion_channels)
+    needed = count_windows([max(s, window) for s in shape_dhw], window, overlap) * per_window
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
+    if free is not None and needed > free:
+        raise RefSAM3DError(
+            f"The interactive cache of this volume needs about {needed / 2**30:.1f} GiB and "
+            f"{free / 2**30:.1f} GiB is free on {device}; crop the volume, lower the overlap, or use "
+            "segment() (it keeps no cache).")
+
+
+class InteractiveSession:
+    """One volume, encoded once; text and spatial prompts answered from the cached features.
+
+    Args:
+        volume: the input image (any orientation and spacing).
+        model: a loaded RefSAM3D, a model name/folder, or None for the bundled default.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        overlap: sliding-window overlap (0 to 0.9), as in ``segment``.
+
+    Memory: the cache holds each window's ImageFeatures on ``device`` (small config: ~45 MB per 96^3
+    window; vit_b: ~170 MB per 128^3 window), checked against the free memory before encoding.
+    """
+
+    def __init__(self, volume: Volume, model=None, device: str = "auto", overlap: float = 0.25) -> None:
+        check_overlap(overlap)
+        started = time.perf_counter()
+        self.device = resolve_device(device)
+        self.model = _as_model(model, self.device)
+        self.volume = volume
+        self.overlap = overlap
+        config = self.model.config
+        self.window = int(config.window_size_vox)
+        modality = volume.modality or guess_modality(volume.array) or "MR"
+        self.warnings = [] if volume.modality else [
+            f"Modality not given; treated as {modality} from its intensities (pass --modality to choose)."]
+        model_shape = preprocess.model_grid(volume, config.spacing_mm).shape_dhw
+        check_memory(volume, model_shape, 1)
+        check_cache_memory(model_shape, config, overlap, self.device)
+        image_dhw, self.grid = preprocess.to_model_space(
+            volume, config.spacing_mm, preprocess.IntensitySettings.from_config(config, modality))
+        padded, self.pad_before = pad_to_window(image_dhw, self.window)
+        self.model_shape_dhw = image_dhw.shape
+        self._image = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[None, None]
+        self._features: dict[tuple[int, int, int], object] = {}
+        self._encode_all_windows()
+        self.encode_s = time.perf_counter() - started
+
+    def _sliding(self, predictor, batch: int) -> torch.Tensor:
+        """MONAI's sliding window over the padded model-space image, with the engine's blending."""
+        with torch.no_grad():
+            return sliding_window_inference(
+                self._image, roi_size=(self.window,) * 3, sw_batch_size=batch, predictor=predictor,
+                overlap=self.overlap, mode="gaussian", sw_device=self.device, device=torch.device("cpu"),
+                with_coord=True,
+            )[0]
+
+    def _encode_all_windows(self) -> None:
+        def encode(windows: torch.Tensor, slices) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                features = self.model.encode_image(windows)
+            for b, window_slices in enumerate(slices):
+                self._features[_window_start(window_slices)] = features.select(b)
+            return torch.zeros((windows.shape[0], 1) + windows.shape[2:], device=windows.device)
+
+        self._sliding(encode, windows_per_batch(self.device, self.window))
+
+    @property
+    def window_count(self) -> int:
+        return len(self._features)
+
+    def segment(
+        self,
+        prompt: str | None,
+        points_ras: Sequence[Sequence[float]] = (),
+        point_labels: Sequence[int] | None = None,
+        box_ras: Sequence[float] | None = None,
+        threshold: float = 0.5,
+        largest_component: bool = False,
+        fill_holes: bool = False,
+    ) -> LabelResult:
+        """One structure from a text prompt, spatial prompts, or both, without re-encoding.
+
+        Args:
+            prompt: text naming ONE structure, or None for "the structure at these points / in
+                this box" (then a spatial prompt is required).
+            points_ras: clicks ``(N, 3)`` in RAS mm.
+            point_labels: ``(N,)`` 1 = inside the structure, 0 = not part of it; default all 1.
+            box_ras: ``(R1, A1, S1, R2, A2, S2)``, two opposite corners in any order.
+            threshold, largest_component, fill_holes: as in ``inference.segment``.
+
+        Returns:
+            a LabelResult with one segment, its mask on the input volume's grid.
+        """
+        started = time.perf_counter()
+        points_ras = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
+        labels = np.ones(len(points_ras), dtype=np.int64) if point_labels is None else np.asarray(point_labels)
+        if labels.shape != (len(points_ras),) or not np.isin(labels, (0, 1)).all():
+            raise RefSAM3DError(
+                f"point_labels needs one 0 (negative) or 1 (positive) per point: {len(points_ras)} points, "
+                f"labels {labels.tolist()}.")
+        spatial = len(points_ras) > 0 or box_ras is not None
+        warnings = list(self.warnings)
+        if prompt is None or not prompt.strip():
+            if not spatial:
+                raise RefSAM3DError("Nothing to segment: give a text prompt, points or a box.")
+            parsed, text = None, NO_TEXT_PROMPT
+        else:
+            prompts, prompt_warnings = expand_prompts(prompt)
+            if len(prompts) > 1 and spatial:
+                raise RefSAM3DError(
+                    f"Points and boxes refine ONE structure, but '{prompt}' names {len(prompts)}; "
+                    "give one structure per refinement.")
+            if len(prompts) > 1:
+                raise RefSAM3DError(f"'{prompt}' names {len(prompts)} structures; a session segments one at a time.")
+            parsed, text = prompts[0], prompts[0].text
+            warnings += prompt_warnings + untrained_structure_warnings(self.model, prompts)
+        if spatial and not self.model.metadata.get("spatial_prompts"):
+            warnings.append("This model was not trained with points or boxes: they are passed to it, "
+                            "but its answer to them is unreliable.")
+        # RAS -> model-space voxels -> the padded array the windows are cut from.
+        points_dhw, box_dhw = spatial_prompts_on_grid(self.volume, self.grid.model, points_ras, box_ras)
+        points_dhw = points_dhw + self.pad_before
+        box_dhw = None if box_dhw is None else box_dhw + np.tile(self.pad_before, 2)
+        with torch.no_grad():
+            embeddings = self.model.encode_prompts([text])
+
+        def decode(windows: torch.Tensor, slices) -> torch.Tensor:
+            start = _window_start(slices[0])
+            spatial_args = self._window_prompts(start, points_dhw, labels, box_dhw)
+            if parsed is None and not spatial_args:  # no text and nothing here: not the structure
+                return torch.zeros((1, 1) + windows.shape[2:], device=windows.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                logits = self.model.decode(windows, self._features[start], embeddings, **spatial_args)
+            return torch.sigmoid(logits.float())
+
+        probabilities = self._sliding(decode, 1)[0]
+        d, h, w = self.pad_before
+        probabilities = probabilities[d:d + self.model_shape_dhw[0], h:h + self.model_shape_dhw[1],
+                                      w:w + self.model_shape_dhw[2]]
+        on_input = preprocess.from_model_space(probabilities.numpy(), self.grid, interpolation="linear")
+        mask = postprocess_mask((on_input >= threshold).astype(np.uint8), largest_component, fill_holes)
+        structure = parsed.structure if parsed is not None else None
+        return LabelResult(
+            reference=self.volume, segments=[Segment(text, structure, mask)],
+            model_name=model_name(self.model), model_version=model_version(self.model),
+            elapsed_s=time.perf_counter() - started, warnings=warnings, label_map=mask.copy(),
+        )
+
+    def _window_prompts(self, start, points_dhw: np.ndarray, labels: np.ndarray, box_dhw) -> dict:
+        """The decoder's spatial arguments for the window at ``start``: its points and its part of
+        the box, in window voxels (batch of one prompt); empty when the gesture misses it."""
+        args = {}
+        inside = geometry.points_in_window(points_dhw, start, self.window)
+        if inside.any():
+            local = points_dhw[inside] - np.asarray(start)
+            args["points_dhw"] = torch.as_tensor(local, dtype=torch.float32, device=self.device)[None]
+            args["point_labels"] = torch.as_tensor(labels[inside], device=self.device)[None]
+        local_box = None if box_dhw is None else geometry.box_in_window(box_dhw, start, self.window)
+        if local_box is not None:
+            args["boxes_dhw"] = torch.as_tensor(local_box, dtype=torch.float32, device=self.device)[None]
+        return args
+
+
+def _window_start(window_slices) -> tuple[int, int, int]:
+    """(d, h, w) start of one window from MONAI's slices ``[batch, channel, d, h, w]``."""
+    return tuple(int(s.start) for s in window_slices[2:])
+

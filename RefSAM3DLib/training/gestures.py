@@ -1,0 +1,100 @@
+"""Simulated user gestures for training spatial prompts with text (SAM / SAM-Med3D / nnInteractive style).
+
+After the text-only decoding of a window (round 0, the text model's own training), each
+structure present in the window is decoded again for a few rounds, as a user would correct it:
+
+* round 1: optionally a box around the structure's part in the window, each face moved by a
+  random fraction of the box's extent (``box_jitter``), plus one click in the error of round 0;
+* every later round: one more click, positive inside the missed region (false negatives) or
+  negative inside the false positives of the previous round, whichever is larger, at a voxel of
+  that region drawn uniformly. Clicks accumulate, as a user's do.
+
+Predictions that place the next click are detached: no gradient flows between rounds (as SAM's
+iterative training). Coordinates are window voxels ``(d, h, w)``, the decoder's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.refsam3d import PromptEmbeddings
+
+
+def jittered_box(mask: torch.Tensor, jitter: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bounding box ``(d0, h0, w0, d1, h1, w1)`` float of a non-empty ``(D, H, W)`` mask, each face
+    moved by up to ``jitter`` times the box's extent along its axis, clipped to the window."""
+    coords = torch.nonzero(mask).float()
+    low, high = coords.min(dim=0).values, coords.max(dim=0).values
+    extent = (high - low + 1.0).repeat(2)
+    shift = (torch.rand(6, generator=generator) * 2.0 - 1.0).to(mask.device) * jitter * extent
+    box = torch.cat([low, high]) + shift
+    limit = torch.tensor(mask.shape, dtype=torch.float32, device=mask.device) - 1.0
+    box = torch.minimum(torch.clamp(box, min=0.0), limit.repeat(2))
+    return torch.cat([torch.minimum(box[:3], box[3:]), torch.maximum(box[:3], box[3:])])
+
+
+def click_in(region: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A voxel ``(3,)`` of a non-empty ``(D, H, W)`` bool region, drawn uniformly."""
+    coords = torch.nonzero(region)
+    return coords[int(torch.randint(len(coords), (1,), generator=generator))].float()
+
+
+def corrective_click(prediction: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, int] | None:
+    """The click a user makes on the larger error of ``prediction`` against ``target`` (both
+    ``(D, H, W)`` bool): ``(point (3,), 1)`` inside a missed region, ``(point, 0)`` inside a false
+    positive; None when the prediction is exact."""
+    missed, extra = target & ~prediction, prediction & ~target
+    n_missed, n_extra = int(missed.sum()), int(extra.sum())
+    if n_missed == 0 and n_extra == 0:
+        return None
+    if n_missed >= n_extra:
+        return click_in(missed, generator), 1
+    return click_in(extra, generator), 0
+
+
+def subset(prompts: PromptEmbeddings, indices: list[int]) -> PromptEmbeddings:
+    """The prompts at ``indices`` (the structures a gesture refines)."""
+    index = torch.as_tensor(indices, device=prompts.tokens.device)
+    return PromptEmbeddings([prompts.texts[i] for i in indices], prompts.tokens[index], prompts.mask[index],
+                            prompts.sentence[index])
+
+
+def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rounds: int, box_prob: float,
+                   box_jitter: float, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Decode ``rounds`` rounds of simulated gestures for P structures present in a window.
+
+    Args:
+        decode: ``decode(points_dhw (P, N, 3), point_labels (P, N), boxes_dhw (P, 6) or None)``
+            -> logits ``(1, P, D, H, W)`` of the same P prompts from the window's cached features.
+        first_logits: ``(1, P, D, H, W)`` the text-only logits of these prompts (round 0).
+        target: ``(P, D, H, W)`` their reference masks, each non-empty.
+        rounds: gesture rounds (>= 1).
+        box_prob: probability that round 1 carries a box (one draw for the P prompts).
+        box_jitter: box faces move by up to this fraction of the box's extent.
+
+    Returns:
+        the logits ``(1, P, D, H, W)`` of every round.
+    """
+    target = target.bool()
+    p = target.shape[0]
+    use_box = float(torch.rand(1, generator=generator)) < box_prob
+    boxes = torch.stack([jittered_box(t, box_jitter, generator) for t in target]) if use_box else None
+    points = torch.zeros(p, 0, 3, device=target.device)
+    labels = torch.zeros(p, 0, dtype=torch.long, device=target.device)
+    previous = first_logits.detach()[0] > 0
+    outputs = []
+    for _ in range(rounds):
+        new_points, new_labels = [], []
+        for i in range(p):
+            click = corrective_click(previous[i], target[i], generator)
+            # An exact prediction gets a padding point (label -1), so the P prompts stay one batch.
+            point, label = click if click is not None else (torch.zeros(3, device=target.device), -1)
+            new_points.append(point.to(target.device))
+            new_labels.append(label)
+        points = torch.cat([points, torch.stack(new_points)[:, None]], dim=1)
+        labels = torch.cat([labels, torch.tensor(new_labels, device=target.device)[:, None]], dim=1)
+        logits = decode(points, labels, boxes)
+        outputs.append(logits)
+        previous = logits.detach()[0] > 0
+    return outputs

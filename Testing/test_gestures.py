@@ -1,0 +1,122 @@
+"""Simulated gestures for training spatial prompts: clicks in the errors, jittered boxes, rounds with text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from RefSAM3DLib.errors import RefSAM3DError
+from RefSAM3DLib.training import train
+from RefSAM3DLib.training.config import load_config
+from RefSAM3DLib.training.gestures import corrective_click, gesture_rounds, jittered_box
+from RefSAM3DLib.training.loop import GestureStep, MultiPromptStep
+
+from test_training import TOY_MODEL
+
+torch.set_num_threads(1)
+
+
+def cube(shape=(16, 16, 16), low=(4, 4, 4), high=(10, 12, 9)) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = True
+    return mask
+
+
+def test_a_positive_click_lands_in_the_missed_region_and_a_negative_one_in_the_false_positive():
+    target = cube()
+    generator = torch.Generator().manual_seed(0)
+    too_small = target.clone()
+    too_small[4:8] = False  # misses the first 4 slices
+    too_big = target | cube(low=(12, 12, 12), high=(16, 16, 16))
+    for _ in range(20):
+        point, label = corrective_click(too_small, target, generator)
+        assert label == 1 and target[tuple(point.long())] and not too_small[tuple(point.long())]
+        point, label = corrective_click(too_big, target, generator)
+        assert label == 0 and too_big[tuple(point.long())] and not target[tuple(point.long())]
+    assert corrective_click(target, target, generator) is None
+
+
+def test_box_without_jitter_is_the_tight_box_and_jitter_stays_in_the_window():
+    mask = cube()
+    assert jittered_box(mask, 0.0).tolist() == [4, 4, 4, 9, 11, 8]
+    generator = torch.Generator().manual_seed(1)
+    boxes = torch.stack([jittered_box(mask, 0.5, generator) for _ in range(50)])
+    assert (boxes[:, :3] <= boxes[:, 3:]).all() and boxes.min() >= 0 and boxes.max() <= 15
+    assert (boxes != torch.tensor([4.0, 4, 4, 9, 11, 8])).any(dim=1).all()
+
+
+def test_rounds_accumulate_clicks_and_pad_once_a_structure_is_exact():
+    target = torch.stack([cube(), cube(low=(0, 0, 0), high=(3, 3, 3))])
+    seen = []
+
+    def decode(points, labels, boxes):
+        seen.append((points.shape, labels.clone(), boxes))
+        perfect = target[None].float() * 20 - 10  # from round 1 on, every answer is exact
+        return perfect
+
+    first = torch.full((1, 2, 16, 16, 16), -10.0)  # text alone found nothing
+    rounds = gesture_rounds(decode, first, target, rounds=3, box_prob=1.0, box_jitter=0.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert len(rounds) == 3
+    assert [shape for shape, _, _ in seen] == [(2, 1, 3), (2, 2, 3), (2, 3, 3)]
+    assert seen[0][1].tolist() == [[1], [1]]  # missed structures: positive clicks
+    assert seen[2][1].tolist() == [[1, -1, -1], [1, -1, -1]]
+    assert seen[0][2].tolist() == [[4, 4, 4, 9, 11, 8], [0, 0, 0, 2, 2, 2]]
+
+
+def test_round_zero_of_a_gesture_step_is_the_text_only_step(untrained_small_toy):
+    model = untrained_small_toy
+    image = torch.rand(2, 1, 32, 32, 32)
+    texts = [["liver", "spleen"], ["spleen"]]
+    targets = [torch.stack([cube((32,) * 3), torch.zeros((32,) * 3, dtype=torch.bool)]), cube((32,) * 3)[None]]
+    settings = {"rounds": 2, "box_prob": 0.5, "box_jitter": 0.1, "max_structures": 4, "weight": 1.0}
+    with torch.no_grad():
+        text_only = MultiPromptStep(model)(image, texts)
+        with_gestures = GestureStep(model, settings)(image, texts, targets)
+    for logits, pairs in zip(text_only, with_gestures):
+        assert torch.equal(pairs[0][0], logits)
+        assert len(pairs) == 3 and all(lg.shape[1] == 1 for lg, _ in pairs[1:])  # only present structures
+
+
+@pytest.fixture(scope="module")
+def untrained_small_toy():
+    from RefSAM3DLib.model import build_model
+    from RefSAM3DLib.model.text_encoder import ClipTextEncoder
+    from RefSAM3DLib.training.config import model_config
+
+    torch.manual_seed(0)
+    config = model_config({"model": {**TOY_MODEL, "text_dim": 32}})
+    text = ClipTextEncoder(width=32, heads=2, layers=1, vocab_size=49408, output_dim=32, context_length=32)
+    return build_model(config, text_encoder=text).eval()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"rounds": 0}, r"interactive.rounds must be an integer in 1..20"),
+    ({"enabled": "yes"}, "interactive.enabled must be true or false"),
+    ({"box_prob": 1.5}, r"interactive.box_prob must be a number in 0.0..1.0"),
+    ({"clicks": 3}, r"unknown keys \['clicks'\] in section 'interactive'"),
+])
+def test_interactive_settings_are_validated(section, message):
+    with pytest.raises(RefSAM3DError, match=message):
+        load_config({"datasets": [{"name": "x"}], "interactive": section})
+
+
+def test_a_few_training_steps_with_gestures_record_it_in_the_checkpoint(samples_dir, tmp_path):
+    config = {
+        "model": TOY_MODEL, "output": str(tmp_path / "run"), "cache": str(tmp_path / "cache"),
+        "data_root": str(samples_dir),
+        "datasets": [{"name": "ts", "root": ".", "modality": "CT", "include": ["ts_example_ct"],
+                      "structures": ["liver", "spleen"]}],
+        "prompts": {"max_prompts": 2},
+        "training": {"steps": 3, "warmup_steps": 1, "checkpoint_every": 100, "validate_every": 100, "seed": 3},
+        "augment": {"affine_prob": 0.0, "erase_prob": 0.0, "contrast_prob": 0.0, "brightness_prob": 0.0,
+                    "sharpen_prob": 0.0, "posterize_prob": 0.0},
+        "interactive": {"enabled": True, "rounds": 2},
+    }
+    run = train(config, device="cpu", progress=False)
+    record = json.loads((run / "checkpoint" / "config.json").read_text(encoding="utf-8"))
+    assert record["metadata"]["spatial_prompts"] is True and record["metadata"]["step"] == 3
+    losses = [float(line.split(",")[1]) for line in (run / "log.csv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)

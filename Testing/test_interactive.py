@@ -1,0 +1,122 @@
+"""The interactive session: one encoding, many answers; gestures reach the decoder in window voxels."""
+
+import numpy as np
+import pytest
+import torch
+
+from RefSAM3DLib.errors import RefSAM3DError
+from RefSAM3DLib.inference import segment
+from RefSAM3DLib.interactive import InteractiveSession, pad_to_window
+from RefSAM3DLib.model import build_model
+from RefSAM3DLib.model.text_encoder import ClipTextEncoder
+from RefSAM3DLib.volume import Volume
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_sam_config):
+    """The tiny vit_b-shaped network (32^3 windows at 1 mm) with random weights, no files."""
+    torch.manual_seed(0)
+    text = ClipTextEncoder(width=32, heads=2, layers=1, vocab_size=49408, output_dim=32, context_length=16)
+    return build_model(tiny_sam_config, text_encoder=text).eval()
+
+
+@pytest.fixture(scope="module")
+def oblique_ct():
+    rng = np.random.default_rng(0)
+    array = rng.normal(-500, 200, (20, 30, 26)).astype(np.int16)
+    array[5:15, 8:20, 6:18] = 80
+    angle = np.deg2rad(25)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation @ np.diag([-1.5, 1.5, 2.5])
+    ijk_to_ras[:3, 3] = [30.0, -20.0, 10.0]
+    return Volume(array, ijk_to_ras, modality="CT", name="oblique")
+
+
+@pytest.fixture(scope="module")
+def session(tiny, oblique_ct):
+    return InteractiveSession(oblique_ct, model=tiny, device="cpu")
+
+
+def centre_ras(volume: Volume) -> np.ndarray:
+    centre = (np.array(volume.shape_kji[::-1]) - 1) / 2.0
+    return (volume.ijk_to_ras @ np.append(centre, 1.0))[:3]
+
+
+def test_text_alone_equals_the_engine_on_the_same_volume(session, tiny, oblique_ct):
+    engine = segment(oblique_ct, "liver", model=tiny, device="cpu")
+    answer = session.segment("liver")
+    np.testing.assert_array_equal(answer.segments[0].mask, engine.segments[0].mask)
+    assert answer.segments[0].mask.shape == oblique_ct.shape_kji
+    assert answer.model_name == engine.model_name
+
+
+def test_gestures_never_run_the_image_encoder_again(session):
+    calls = []
+    handle = session.model.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        session.segment("liver", points_ras=[centre_ras(session.volume)], point_labels=[0])
+        session.segment(None, box_ras=np.concatenate([centre_ras(session.volume) - 10, centre_ras(session.volume) + 10]))
+    finally:
+        handle.remove()
+    assert calls == [] and session.window_count > 1
+
+
+def test_a_click_reaches_every_window_holding_it_at_its_window_voxel(session, monkeypatch):
+    point = centre_ras(session.volume)
+    expected_dhw = np.linalg.solve(session.grid.model.ijk_to_ras, np.append(point, 1.0))[:3][::-1] + session.pad_before
+    seen = []
+    decode = session.model.decode
+
+    def recording(image, features, prompts, **spatial):
+        seen.append({k: v.clone() for k, v in spatial.items()})
+        return decode(image, features, prompts, **spatial)
+
+    monkeypatch.setattr(session.model, "decode", recording)
+    session.segment("liver", points_ras=[point], point_labels=[1])
+    starts = [start for start in session._features
+              if np.all((expected_dhw - start >= -0.5) & (expected_dhw - start < session.window - 0.5))]
+    clicked = [s for s in seen if "points_dhw" in s]
+    assert len(clicked) == len(starts) >= 1 and len(seen) == session.window_count
+    locals_ = sorted(tuple(np.round(s["points_dhw"][0, 0].numpy(), 3)) for s in clicked)
+    assert locals_ == sorted(tuple(np.round(expected_dhw - np.array(start), 3)) for start in starts)
+    assert all(s["point_labels"].tolist() == [[1]] for s in clicked)
+
+
+def test_without_text_windows_the_gesture_misses_contribute_nothing(session):
+    volume = session.volume
+    corner_ras = (volume.ijk_to_ras @ np.array([1.0, 1.0, 1.0, 1.0]))[:3]
+    mask = session.segment(None, points_ras=[corner_ras]).segments[0].mask
+    far_corner = mask[-3:, -3:, -3:]
+    assert not far_corner.any()
+
+
+def test_wrong_requests_are_clear_errors(session):
+    with pytest.raises(RefSAM3DError, match="give a text prompt, points or a box"):
+        session.segment(None)
+    with pytest.raises(RefSAM3DError, match="refine ONE structure"):
+        session.segment("liver, spleen", points_ras=[centre_ras(session.volume)])
+    with pytest.raises(RefSAM3DError, match="outside oblique"):
+        session.segment("liver", points_ras=[centre_ras(session.volume) + 500.0])
+    with pytest.raises(RefSAM3DError, match="one 0 \\(negative\\) or 1"):
+        session.segment("liver", points_ras=[centre_ras(session.volume)], point_labels=[2])
+
+
+def test_padding_matches_monais_split_of_the_shortfall():
+    padded, before = pad_to_window(np.ones((5, 40, 8), np.float32), 32)
+    assert padded.shape == (32, 40, 32) and before.tolist() == [13, 0, 12]
+    assert padded[13:18, :, 12:20].all() and padded.sum() == 5 * 40 * 8
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_encoding(tiny, oblique_ct, monkeypatch):
+    monkeypatch.setattr("RefSAM3DLib.interactive.available_memory_bytes", lambda: 10 * 2**20)
+    calls = []
+    handle = tiny.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(RefSAM3DError, match="interactive cache of this volume needs about"):
+            InteractiveSession(oblique_ct, model=tiny, device="cpu")
+    finally:
+        handle.remove()
+    assert calls == []
