@@ -357,8 +357,11 @@ def save_checkpoint(model: RefSAM3D, directory: "str | Path", metadata: dict | N
         temporary.write_text(text + "\n")
     structures = record["metadata"].get("structures")
     if model.config.text_encoder == "minilm" and structures:  # untrained structures are not worth the file size
-        write_text_embeddings(model.text_encoder, directory / TEXT_EMBEDDINGS_FILE,
-                              encoder_identity(model.config, base["minilm_text"]), vocabulary_phrases(structures))
+        try:
+            write_text_embeddings(model.text_encoder, directory / TEXT_EMBEDDINGS_FILE,
+                                  encoder_identity(model.config, base["minilm_text"]), vocabulary_phrases(structures))
+        except RefSAM3DError as error:  # e.g. training's prompt table lacks a synonym: the folder works without it
+            log.warning("%s not written (%s); runs with this model will load the text encoder", TEXT_EMBEDDINGS_FILE, error)
     return directory
 
 
