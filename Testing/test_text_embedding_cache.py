@@ -96,3 +96,18 @@ def test_the_cache_of_a_model_folder_can_be_remade_from_its_config(saved_small, 
     assert isinstance(loaded.text_encoder, PrecomputedTextEncoder)
     loaded.text_encoder(["Left kidney", "hepatic"])
     assert loaded.text_encoder.encoder is None
+
+
+def test_a_text_encoder_that_cannot_answer_a_phrase_saves_the_model_without_a_cache(tmp_path):
+    """As training's prompt table does for a synonym it lacks: the checkpoint must still be written."""
+    from RefSAM3DLib.errors import RefSAM3DError
+    from RefSAM3DLib.model.text_encoder import TextEncoder
+
+    class Refusing(TextEncoder):
+        def _encode(self, texts):
+            raise RefSAM3DError(f"{texts[0]!r} is not in the prompt table")
+
+    model = build_model("small", text_encoder=Refusing(384, 32))
+    folder = save_checkpoint(model, tmp_path / "m", {"structures": ["liver"]})
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert not (folder / TEXT_EMBEDDINGS_FILE).exists()
