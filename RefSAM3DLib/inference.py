@@ -6,8 +6,9 @@ The 3D version of SAM's "encode once, prompt many" contract:
 2. the volume is resampled once into model space (:mod:`RefSAM3DLib.preprocess`);
 3. MONAI's ``sliding_window_inference`` visits each window once; per window the image encoder
    runs ONCE and every prompt is decoded from the shared features;
-4. each prompt's probability map goes back to the input grid on its own (one float32 volume at
-   full resolution at a time), is thresholded, optionally cleaned, and stored as uint8.
+4. each prompt's probability map goes back to the input grid on its own, and only inside the
+   box where it can reach the threshold (:func:`preprocess.input_box`): resampling, thresholding,
+   clean-up and the label map then cost the structure's size, not the whole grid's.
 """
 
 from __future__ import annotations
@@ -145,6 +146,32 @@ def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool
     return mask
 
 
+def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, threshold: float,
+                  largest_component: bool = False, fill_holes: bool = False):
+    """One prompt's model-space probabilities -> its binary mask on the input grid.
+
+    Resampled, thresholded and cleaned only inside the box where the probabilities can reach the
+    threshold (:func:`preprocess.input_box`); the mask is the same as from the whole grid.
+
+    Args:
+        channel_dhw: (D, H, W) float32 probabilities on ``grid.model``.
+        grid: the ModelGrid of the run.
+        threshold, largest_component, fill_holes: as in :func:`segment`.
+
+    Returns:
+        ``(mask, box, probabilities)``: uint8 (K, J, I) mask on the whole input grid; the box
+        (``(k, j, i)`` slices, None when nothing reaches the threshold) and the float32
+        probabilities inside it (None without a box).
+    """
+    mask = np.zeros(grid.input.shape_kji, dtype=np.uint8)
+    box = preprocess.input_box(channel_dhw >= threshold, grid)
+    if box is None:
+        return mask, None, None
+    on_input = preprocess.from_model_space(channel_dhw, grid, interpolation="linear", box=box)
+    mask[box] = postprocess_mask((on_input >= threshold).astype(np.uint8), largest_component, fill_holes)
+    return mask, box, on_input
+
+
 def segment(
     volume: Volume,
     prompts: Sequence[str] | str,
@@ -192,6 +219,8 @@ def segment(
     image_dhw, grid = preprocess.to_model_space(volume, config.spacing_mm, intensity)
 
     texts = [p.text for p in parsed]
+    # no_grad, not inference_mode: the text encoder caches these tensors, and a cached inference
+    # tensor would break a later training step that projects the same text.
     with torch.no_grad():
         prompt_embeddings = model.encode_prompts(texts)
 
@@ -210,9 +239,9 @@ def segment(
         if cancel is not None and cancel():
             raise Cancelled("Segmentation cancelled; nothing was written.")
         report(0.9 + 0.1 * index / len(parsed), f"Resampling '{prompt.text}' to the input grid")
-        on_input = preprocess.from_model_space(probabilities[index].numpy(), grid, interpolation="linear")
-        mask = postprocess_mask((on_input >= threshold).astype(np.uint8), largest_component, fill_holes)
-        label_map.add(index + 1, mask, on_input)
+        mask, box, on_input = mask_on_input(probabilities[index].numpy(), grid, threshold, largest_component, fill_holes)
+        if box is not None:
+            label_map.add(index + 1, mask[box], on_input, box)
         del on_input
         segments.append(Segment(prompt.text, prompt.structure, mask))
     report(1.0, "Done")

@@ -12,6 +12,7 @@ intensity) and crops its output back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -136,17 +137,59 @@ def labels_to_model_space(label_volume: Volume, grid: ModelGrid) -> np.ndarray:
     return sitk.GetArrayFromImage(resample(labels, grid.model, sitk.sitkNearestNeighbor, 0))
 
 
+InputBox = tuple[slice, slice, slice]
+"""A box of the input grid as ``(k, j, i)`` slices: where one structure can lie."""
+
+
+def input_box(region_dhw: np.ndarray, grid: ModelGrid) -> InputBox | None:
+    """The smallest box of the input grid outside which a linear resampling of a model-space
+    channel is below a level, given where the channel reaches it (``region_dhw``, bool ``(D, H, W)``).
+
+    A linearly interpolated value mixes the (up to 8) model voxels around its point, so it can reach
+    the level only within one model voxel of ``region_dhw``'s bounding box; one input voxel more on
+    every side keeps a background margin round the structure (hole filling and connected
+    components on the box then give what they give on the whole grid).
+
+    Returns:
+        ``(k, j, i)`` slices, or None where ``region_dhw`` is empty.
+    """
+    if not region_dhw.any():
+        return None
+    low_kji, high_kji = (np.array(f(np.nonzero(region_dhw), axis=1)) for f in (np.min, np.max))
+    low, high = low_kji[::-1] - 1.0, high_kji[::-1] + 1.0  # (i, j, k) continuous model indices
+    corners = np.array([[a, b, c, 1.0] for a in (low[0], high[0]) for b in (low[1], high[1])
+                        for c in (low[2], high[2])]).T
+    model_to_input = np.linalg.inv(grid.input.ijk_to_ras) @ grid.model.ijk_to_ras
+    ijk = (model_to_input @ corners)[:3]
+    start = np.maximum(np.floor(ijk.min(axis=1)) - 1, 0).astype(int)
+    stop = np.minimum(np.ceil(ijk.max(axis=1)) + 2, grid.input.size_ijk).astype(int)
+    if np.any(stop <= start):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))
+
+
+def _sub_grid(grid: Grid, box: InputBox) -> Grid:
+    """The part of ``grid`` that ``box`` covers: same spacing and direction, moved origin."""
+    start_ijk = np.array([part.start for part in box[::-1]], dtype=np.float64)
+    step = np.reshape(grid.direction, (3, 3)) @ np.diag(grid.spacing_mm)
+    origin = np.asarray(grid.origin_lps) + step @ start_ijk
+    return dataclasses.replace(grid, size_ijk=tuple(part.stop - part.start for part in box[::-1]),
+                               origin_lps=tuple(float(v) for v in origin))
+
+
 def from_model_space(channel_dhw: np.ndarray, grid: ModelGrid,
-                     interpolation: str = "linear") -> np.ndarray:
+                     interpolation: str = "linear", box: InputBox | None = None) -> np.ndarray:
     """One model-space channel (e.g. one prompt's probabilities) back on the input grid.
 
     Args:
         channel_dhw: ``(D, H, W)`` array on ``grid.model``.
         grid: the ModelGrid from :func:`to_model_space`.
         interpolation: ``"linear"`` (probabilities) or ``"nearest"`` (labels).
+        box: only this part of the input grid (from :func:`input_box`); None for all of it.
 
     Returns:
-        float32 ``(K, J, I)`` on the input volume's grid; 0 outside the model grid.
+        float32 ``(K, J, I)`` on the input volume's grid (or on ``box`` of it); 0 outside the
+        model grid.
     """
     if interpolation not in _INTERPOLATORS:
         raise RefSAM3DError(
@@ -158,5 +201,6 @@ def from_model_space(channel_dhw: np.ndarray, grid: ModelGrid,
             f"Model-space array has shape {channel_dhw.shape}, the model grid {grid.shape_dhw}."
         )
     image = sitk_from_array(channel_dhw, grid.model.ijk_to_ras)
-    back = resample(image, grid.input, _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32)
+    target = grid.input if box is None else _sub_grid(grid.input, box)
+    back = resample(image, target, _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(back)

@@ -56,7 +56,7 @@ def model_space_probabilities(model, image_dhw: np.ndarray, prompt_embeddings, d
         return torch.sigmoid(logits.float())
 
     inputs = torch.from_numpy(np.ascontiguousarray(image_dhw, dtype=np.float32))[None, None]
-    with torch.no_grad():
+    with torch.inference_mode():  # no autograd records at all (no_grad still tracks versions)
         return sliding_window_inference(
             inputs,
             roi_size=(window, window, window),
@@ -85,9 +85,15 @@ class LabelMapComposer:
         self.labels = np.zeros(tuple(shape), dtype=np.uint8 if count < 256 else np.uint16)
         self._best = np.zeros(tuple(shape), dtype=np.uint8)
 
-    def add(self, value: int, mask: np.ndarray, probability: np.ndarray) -> None:
-        """Offer ``mask`` (0/1) with its ``probability`` map (floats in [0, 1]) as label ``value``."""
+    def add(self, value: int, mask: np.ndarray, probability: np.ndarray, box: tuple[slice, ...] | None = None) -> None:
+        """Offer ``mask`` (0/1) with its ``probability`` map (floats in [0, 1]) as label ``value``.
+
+        With ``box`` (slices of the label map), ``mask`` and ``probability`` cover only that box:
+        the work then scales with the structure, not with the whole grid.
+        """
+        box = box if box is not None else tuple(slice(None) for _ in self.labels.shape)
+        labels, best = self.labels[box], self._best[box]  # views: written through
         level = np.round(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
-        claim = (mask > 0) & (level > self._best)
-        self.labels[claim] = value
-        self._best[claim] = level[claim]
+        claim = (mask > 0) & (level > best)
+        labels[claim] = value
+        best[claim] = level[claim]

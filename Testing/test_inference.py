@@ -152,3 +152,49 @@ def test_volume_huge_in_model_space_is_refused_before_resampling(untrained_small
     monkeypatch.setattr("RefSAM3DLib.inference.available_memory_bytes", lambda: 4 * 2**30)  # a 4 GiB machine
     with pytest.raises(RefSAM3DError, match=r"Not enough memory: .* needs about (\d\d|[5-9])\.\d GiB"):
         segment(volume, "liver", model=untrained_small)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_masks_made_inside_each_structure_box_equal_those_made_on_the_whole_grid(samples_dir, oblique):
+    """Cropping to each structure before resampling back must not change a voxel: real CT anatomy
+    (the sample CT's liver, spleen, kidneys, stomach and a thin aorta, smoothed into probabilities
+    on an anisotropic model grid), as read and with an oblique, flipped geometry."""
+    from scipy import ndimage
+
+    from RefSAM3DLib.inference import mask_on_input, postprocess_mask
+    from RefSAM3DLib.io import read_volume
+    from RefSAM3DLib.preprocess import from_model_space, labels_to_model_space, model_grid
+    from RefSAM3DLib.sliding_window import LabelMapComposer
+
+    labels = read_volume(samples_dir / "ts_example_ct_label.nii.gz", modality="CT")
+    if oblique:
+        labels = Volume(labels.array, oblique_ct().ijk_to_ras, modality="CT")
+    grid = model_grid(labels, (2.0, 2.5, 1.7))
+    labels_dhw = labels_to_model_space(labels, grid)
+    whole = LabelMapComposer(labels.shape_kji, 6)
+    boxed = LabelMapComposer(labels.shape_kji, 6)
+    for value, label in enumerate((5, 1, 2, 3, 6, 52), start=1):  # liver, spleen, kidneys, stomach, aorta
+        probabilities = ndimage.gaussian_filter((labels_dhw == label).astype(np.float32), 1.2)
+        on_input = from_model_space(probabilities, grid)
+        expected = postprocess_mask((on_input >= 0.5).astype(np.uint8), True, True)
+        whole.add(value, expected, on_input)
+
+        mask, box, inside = mask_on_input(probabilities, grid, 0.5, largest_component=True, fill_holes=True)
+        boxed.add(value, mask[box], inside, box)
+
+        assert expected.any() and mask.dtype == np.uint8
+        assert np.array_equal(mask, expected), f"label {label}"
+        assert np.count_nonzero(mask[box]) == np.count_nonzero(mask)
+        assert inside.size < 0.5 * on_input.size  # the work did shrink to the structure
+    assert np.array_equal(boxed.labels, whole.labels)
+
+
+def test_a_structure_that_never_reaches_the_threshold_gives_an_empty_mask_without_resampling(samples_dir):
+    from RefSAM3DLib.inference import mask_on_input
+    from RefSAM3DLib.preprocess import model_grid
+
+    volume = oblique_ct()
+    grid = model_grid(volume, (3.0, 3.0, 3.0))
+    mask, box, inside = mask_on_input(np.full(grid.shape_dhw, 0.49, np.float32), grid, 0.5)
+    assert box is None and inside is None
+    assert mask.shape == volume.shape_kji and not mask.any()

@@ -50,6 +50,13 @@ class TextEncoder(nn.Module):
         self.dim = dim
         self.context_length = context_length
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # Follows .to(device) like a weight, so that an encoder answering from a cache alone (no
+        # parameters of its own) still knows where its outputs belong.
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_anchor.device
 
     def _encode(self, texts: list[str]) -> TextEmbeddings:
         raise NotImplementedError
@@ -57,7 +64,7 @@ class TextEncoder(nn.Module):
     def forward(self, texts: list[str]) -> TextEmbeddings:
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise RefSAM3DError("Text prompts must be a non-empty list of non-empty strings, e.g. ['liver'].")
-        device = next(self.parameters()).device
+        device = self.device
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
             with torch.no_grad():
