@@ -238,7 +238,7 @@ def run_segment(args) -> int:
         try:
             result = segment(
                 volume,
-                args.prompt,
+                "\n".join(args.prompt),  # every --prompt read as a line of one text: a repeat collapses
                 model=model,
                 device=str(device),
                 overlap=args.overlap,
