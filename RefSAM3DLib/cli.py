@@ -295,7 +295,8 @@ def run_segment(args) -> int:
                 result.elapsed_s += session.encode_s
                 reporter(1.0, "Done")
             else:
-                result = segment(volume, args.prompt, model=model, device=str(device), overlap=args.overlap,
+                result = segment(volume, "\n".join(args.prompt),  # every --prompt a line of one text: a repeat collapses
+                                 model=model, device=str(device), overlap=args.overlap,
                                  progress=reporter, **options)
             write_outputs(result, output_path, png, args.overwrite)
         except (RefSAM3DError, OSError) as error:

@@ -452,6 +452,13 @@ class SegmentationJob:
         Raises :class:`Cancelled` after ``cancel()``, :class:`RefSAM3DError` with the child's
         one-line message when it failed.
         """
+        from .io import read_seg_nrrd
+
+        return read_seg_nrrd(self.output_file(), reference=self.volume)
+
+    def output_file(self) -> Path:
+        """The worker's .seg.nrrd (world geometry of the input), once ``finished``; it lives until
+        ``close()``. Slicer reads it with its own reader. Raises as :meth:`result`."""
         if self.process is None or not self.process.finished:
             raise RefSAM3DError("The segmentation is still running; wait for it to finish.")
         if self.process.cancelled:
@@ -461,9 +468,7 @@ class SegmentationJob:
             message = next((line for line in reversed(self.process.stderr_lines) if line.strip()), "")
             message = message.removeprefix("refsam3d: error: ").strip()
             raise RefSAM3DError(message or f"The segmentation process stopped with exit status {status}; see the log.")
-        from .io import read_seg_nrrd
-
-        return read_seg_nrrd(self.output_path, reference=self.volume)
+        return self.output_path
 
     def close(self) -> None:
         """Stop the child if it still runs and delete the temporary folder."""

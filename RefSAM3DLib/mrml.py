@@ -16,13 +16,18 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import RefSAM3DError
-from .io import tag_value
+from .io import nrrd_header_fields, tag_value
+from .vocabulary import TERMINOLOGY_FILE
 from .volume import MODALITIES, Volume
 
 __all__ = [
     "volume_from_node",
+    "dicom_modality",
+    "import_segmentation_file",
+    "segment_volume_ml",
     "result_to_segmentation_node",
     "segmentation_node_to_labelmap_array",
+    "load_terminology",
 ]
 
 
@@ -70,8 +75,8 @@ def volume_from_node(volume_node, modality: str | None = None) -> Volume:
 
     Args:
         volume_node: a ``vtkMRMLScalarVolumeNode`` (or label map volume node) with image data.
-        modality: ``"CT"`` or ``"MR"``; ``None`` reads the node's ``DICOM.Modality`` attribute
-            (set when the volume came from the DICOM browser) and otherwise leaves it unknown.
+        modality: ``"CT"`` or ``"MR"``; ``None`` takes the DICOM modality Slicer recorded for the
+            volume (:func:`dicom_modality`) and otherwise leaves it unknown.
 
     Returns:
         ``Volume`` whose ``array`` is a copy of the voxels, shape ``(K, J, I)``, and whose
@@ -96,12 +101,34 @@ def volume_from_node(volume_node, modality: str | None = None) -> Volume:
             "voxel; use a single-channel (grey-scale) volume."
         )
     if modality is None:
-        tagged = (volume_node.GetAttribute("DICOM.Modality") or "").upper()
-        modality = tagged if tagged in MODALITIES else None
+        modality = dicom_modality(volume_node)
     # arrayFromVolume returns VTK-owned memory: copy it so the Volume outlives the node.
     array_kji = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
     ijk_to_ras = _local_to_world(volume_node) @ _ijk_to_local_ras(volume_node)
     return Volume(array=array_kji, ijk_to_ras=ijk_to_ras, modality=modality, name=volume_node.GetName())
+
+
+def dicom_modality(volume_node) -> str | None:
+    """``"CT"`` or ``"MR"`` as Slicer recorded it for a volume loaded from DICOM, else ``None``.
+
+    Slicer's DICOM plugins store the series' Modality (0008,0060) on the volume's subject-hierarchy
+    item (attribute ``DICOM.Modality``); a ``DICOM.Modality`` attribute on the node itself (set by
+    scripts) is read too. Other modalities (PT, US, ...) give ``None``.
+    """
+    import slicer
+
+    name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    values = []
+    scene = volume_node.GetScene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene is not None else None
+    item = hierarchy.GetItemByDataNode(volume_node) if hierarchy is not None else 0
+    if item:
+        values.append(hierarchy.GetItemAttribute(item, name))
+    values.append(volume_node.GetAttribute(name))
+    for value in values:
+        if value and value.strip().upper() in MODALITIES:
+            return value.strip().upper()
+    return None
 
 
 def _oriented_image_from_mask(mask_kji: np.ndarray, ijk_to_segmentation: np.ndarray):
@@ -149,6 +176,17 @@ def _place_next_to(node, reference_node) -> None:
         hierarchy.CreateItem(parent_item, node)
 
 
+def _new_segmentation_node(reference_volume_node, scene):
+    """An empty segmentation node named after the input, under the input's parent transform."""
+    segmentation_node = scene.AddNewNodeByClass(
+        "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{reference_volume_node.GetName()} segmentation")
+    )
+    segmentation_node.CreateDefaultDisplayNodes()
+    transform_node = reference_volume_node.GetParentTransformNode()
+    segmentation_node.SetAndObserveTransformNodeID(transform_node.GetID() if transform_node else None)
+    return segmentation_node
+
+
 def result_to_segmentation_node(result, reference_volume_node, segmentation_node=None, scene=None):
     """Add one segment per :class:`~RefSAM3DLib.result.Segment` to a segmentation node.
 
@@ -179,12 +217,7 @@ def result_to_segmentation_node(result, reference_volume_node, segmentation_node
     scene = scene or reference_volume_node.GetScene()
     created = segmentation_node is None
     if created:
-        segmentation_node = scene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{reference_volume_node.GetName()} segmentation")
-        )
-        segmentation_node.CreateDefaultDisplayNodes()
-        transform_node = reference_volume_node.GetParentTransformNode()
-        segmentation_node.SetAndObserveTransformNodeID(transform_node.GetID() if transform_node else None)
+        segmentation_node = _new_segmentation_node(reference_volume_node, scene)
     if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
 
@@ -219,6 +252,121 @@ def result_to_segmentation_node(result, reference_volume_node, segmentation_node
     if created:
         _place_next_to(segmentation_node, reference_volume_node)
     return segmentation_node
+
+
+def _read_segmentation_file(path, segmentation_node) -> None:
+    """Slicer's own .seg.nrrd reader (C++), into ``segmentation_node`` (in a scene).
+
+    teem aborts the whole process on some malformed headers, so a file that is not a segmentation
+    NRRD is refused first (the worker writes a good one; this guards Slicer against anything else).
+    """
+    import slicer
+
+    if "Segment0_ID" not in nrrd_header_fields(path):
+        raise RefSAM3DError(f"Slicer could not read the segmentation file {path}: it holds no segments.")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(segmentation_node):
+        raise RefSAM3DError(f"Slicer could not read the segmentation file {path}; see the log.")
+
+
+def import_segmentation_file(path, reference_volume_node, segmentation_node=None, scene=None):
+    """Read a .seg.nrrd with Slicer's own reader and add its segments to a segmentation node.
+
+    This is how the Slicer module takes the worker's result: Slicer's C++ reader
+    (``vtkMRMLSegmentationStorageNode``) keeps the file's shared label-map layers and no mask
+    passes through Python. A new node is read into directly; adding to an existing node copies
+    the segments over. Names, colours and tags (terminology, ``RefSAM3D.Prompt``,
+    ``RefSAM3D.StructureKey``) come from the file.
+
+    Args:
+        path: the .seg.nrrd; its geometry is world RAS (the frame :func:`volume_from_node` hands
+            the worker).
+        reference_volume_node: the segmented volume: a new node takes its geometry, its parent
+            transform and its place in the subject hierarchy.
+        segmentation_node: an existing node to add to, or ``None`` for a new one named after the
+            input. Existing segments are never replaced: a clashing name gets a suffix ("Liver (2)").
+        scene: the scene for a new node (default: the reference node's).
+
+    Returns:
+        ``(segmentation_node, segment_ids)``: the node and the IDs of the added segments, in the
+        file's order. Nothing is added when reading fails.
+    """
+    scene = scene or reference_volume_node.GetScene()
+    created = segmentation_node is None
+    target_node = _new_segmentation_node(reference_volume_node, scene) if created else segmentation_node
+    # A new node reads the file itself; an existing one gets the segments of a reading node.
+    loaded = target_node if created else scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__refsam3d_import__")
+    target = target_node.GetSegmentation()
+    added = []
+    was_modifying = target_node.StartModify()
+    try:
+        _read_segmentation_file(path, loaded)
+        # The file is in world RAS; the target node's segments live in its local frame.
+        world_to_local = np.linalg.inv(_local_to_world(target_node))
+        if not np.allclose(world_to_local, np.eye(4)):
+            loaded.ApplyTransformMatrix(_vtk_matrix_from_array(world_to_local))
+        source = loaded.GetSegmentation()
+        file_ids = [source.GetNthSegmentID(n) for n in range(source.GetNumberOfSegments())]
+        if created:
+            added = file_ids
+        else:
+            for segment_id in file_ids:
+                segment = source.GetSegment(segment_id)
+                segment.SetName(_unique_segment_name(target, segment.GetName()))
+                before = {target.GetNthSegmentID(n) for n in range(target.GetNumberOfSegments())}
+                if not target.CopySegmentFromSegmentation(source, segment_id):
+                    raise RefSAM3DError(f"Slicer could not add segment {segment.GetName()!r} to {target_node.GetName()}.")
+                added += [target.GetNthSegmentID(n) for n in range(target.GetNumberOfSegments())
+                          if target.GetNthSegmentID(n) not in before]
+        if created or len(added) == target.GetNumberOfSegments():
+            target_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    except BaseException:
+        if created:
+            scene.RemoveNode(target_node)
+        else:
+            for segment_id in added:  # all or nothing
+                target.RemoveSegment(segment_id)
+        raise
+    finally:
+        target_node.EndModify(was_modifying)
+        if not created:
+            display_node = loaded.GetDisplayNode()
+            if display_node is not None:
+                scene.RemoveNode(display_node)
+            scene.RemoveNode(loaded)
+    if created:
+        _place_next_to(target_node, reference_volume_node)
+    return target_node, added
+
+
+def segment_volume_ml(segmentation_node, segment_id) -> float:
+    """A segment's volume in mL, counted on its own binary label map (no Python copy of it)."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None:
+        return 0.0
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    voxel_mm3 = abs(np.linalg.det(_array_from_vtk_matrix(matrix)[:3, :3]))
+    return float(np.count_nonzero(numpy_support.vtk_to_numpy(scalars))) * voxel_mm3 / 1000.0
+
+
+def load_terminology(terminologies_logic) -> str:
+    """Load RefSAM3D's terminology context (the structures whose codes Slicer's lists lack) into
+    Slicer's Terminologies module logic; returns the context's name. Loading it twice is harmless.
+
+    In Slicer: ``load_terminology(slicer.modules.terminologies.logic())``.
+    """
+    name = terminologies_logic.LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
+    if not name:
+        raise RefSAM3DError(f"Slicer could not load the terminology file {TERMINOLOGY_FILE}; reinstall RefSAM3D.")
+    return name
 
 
 def segmentation_node_to_labelmap_array(segmentation_node, reference_volume_node, segment_ids=None) -> np.ndarray:

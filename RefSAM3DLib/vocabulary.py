@@ -13,13 +13,19 @@ anatomic-region code that :class:`Structure` does not carry).
 Codes and colours follow 3D Slicer's "General Anatomy" terminology where it lists the structure,
 else SlicerTotalSegmentator's mapping of the TotalSegmentator classes (vertebrae and ribs use its
 per-level palette so neighbours differ). The tumour sub-regions have no Slicer convention: both
-tumour classes are coded as SCT Neoplasm and told apart by name and colour.
+tumour classes are coded as SCT Neoplasm and told apart by name and colour. Each structure's
+``terminology_entry`` names the terminology context that lists its code: Slicer's General Anatomy
+list, the DICOM master list, or, for the codes neither lists (vertebra levels, ribs, gluteal
+muscles, hippocampus parts, ...), RefSAM3D's own context in :data:`TERMINOLOGY_FILE`, which the
+Slicer module loads into Slicer's Terminologies module (as SlicerTotalSegmentator does; the file
+is made by ``scripts/make_terminology.py``).
 
-Parsing rules (see :func:`parse_prompts`):
+Parsing rules (see :func:`parse_prompts`, the one reader of prompt text for the CLI, the Slicer
+panel and its Logic, and batch scripts):
 
-* one structure per line, several per line separated by ``,`` ``;`` ``and`` ``&`` ``+``
-  ("liver, spleen and stomach"); a name that itself contains "and" ("portal vein and splenic
-  vein") wins over splitting;
+* one structure per line (several texts count as several lines of one text), several per line
+  separated by ``,`` ``;`` ``and`` ``&`` ``+`` ("liver, spleen and stomach"); a name that itself
+  contains "and" ("portal vein and splenic vein") wins over splitting;
 * filler words are ignored for matching ("perform liver segmentation", "CT images, liver
   segmentation", "segment the left kidney please"), spelling is British/American-neutral
   (tumor/tumour, oesophagus/esophagus) and plurals match the singular;
@@ -28,13 +34,17 @@ Parsing rules (see :func:`parse_prompts`):
   means BOTH sides: it becomes two prompts, right then left, whose text is the structure's own
   name ("right kidney", "left kidney") because the encoder must be told which side to draw;
   "hippocampus" likewise becomes its anterior and posterior parts;
-* the same structure named twice in one text is kept once.
+* the same structure named twice (on one line, on several, or in several texts) is kept once.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import RefSAM3DError
 
@@ -58,8 +68,13 @@ ALTERED_STRUCTURE = Code("SCT", "49755003", "Morphologically Altered Structure")
 
 _SLICER_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _DICOM_CONTEXT = "Segmentation category and type - DICOM master list"
+REFSAM3D_CONTEXT = "Segmentation category and type - RefSAM3D"
+TERMINOLOGY_FILE = Path(__file__).resolve().parent / "terminology" / "SegmentationCategoryTypeModifier-RefSAM3D.term.json"
+"""RefSAM3D's terminology context (Slicer's JSON format): the structures whose codes Slicer's own
+lists lack. Load it with ``vtkSlicerTerminologiesModuleLogic.LoadTerminologyFromFile``."""
 _ANATOMIC_REGION_CONTEXT = "Anatomic codes - DICOM master list"
-# Type codes that Slicer's General Anatomy context lists; the others live in the DICOM master list.
+# Type codes that Slicer's General Anatomy context lists; the others live in the DICOM master list,
+# or in RefSAM3D's own context (TERMINOLOGY_FILE) when neither lists them.
 _SLICER_ANATOMY_TYPES = frozenset(
     "78961009 64033007 28231008 10200004 69695003 15776009 23451007 45653009 72481006 90572001 "
     "39607008 32849002 44567001 69748006 30315005 38848004 71854001 89837001 41216001 35039007 "
@@ -98,11 +113,23 @@ class Structure:
         ``context~category~type~modifier~regionContext~region~regionModifier``, each code as
         ``scheme^value^meaning`` (empty ``^^``).
         """
-        context = _SLICER_ANATOMY_CONTEXT if self.type.value in _SLICER_ANATOMY_TYPES else _DICOM_CONTEXT
+        if self.type.value in _SLICER_ANATOMY_TYPES:
+            context = _SLICER_ANATOMY_CONTEXT
+        elif self.type.value in _refsam3d_context_types():
+            context = REFSAM3D_CONTEXT
+        else:
+            context = _DICOM_CONTEXT
         modifier = self.modifier.serialized() if self.modifier else "^^"
         return "~".join(
             (context, self.category.serialized(), self.type.serialized(), modifier, _ANATOMIC_REGION_CONTEXT, "^^", "^^")
         )
+
+
+@functools.cache
+def _refsam3d_context_types() -> frozenset[str]:
+    """The type code values that RefSAM3D's terminology file lists."""
+    context = json.loads(TERMINOLOGY_FILE.read_text(encoding="utf-8"))
+    return frozenset(t["CodeValue"] for category in context["SegmentationCodes"]["Category"] for t in category["Type"])
 
 
 @dataclass(frozen=True)
@@ -369,19 +396,23 @@ def _parse_line(line: str) -> list[Prompt]:
     return [q for p in parts for q in _parse_part(p, p)] or [Prompt(line, None)]
 
 
-def parse_prompts(text: str) -> list[Prompt]:
+def parse_prompts(text: str | Sequence[str]) -> list[Prompt]:
     """Free text (one structure per line, or several separated by commas/"and") -> prompts.
 
-    Raises ``RefSAM3DError`` for an empty prompt. Unknown text comes back with
-    ``structure=None``; the module docstring lists the rules.
+    ``text`` is one text or several (each ``--prompt``, list item or line is read alike); a
+    structure named more than once comes back once. Raises ``RefSAM3DError`` when nothing is
+    named. Unknown text comes back with ``structure=None``; the module docstring lists the rules.
+
+    The texts of the prompts it returns parse back to the same prompts, so a caller may hand
+    ``[p.text for p in prompts]`` on (the Slicer module gives them to its worker so).
     """
-    if text is None or not str(text).strip():
-        raise RefSAM3DError("Empty prompt: name the structure to segment, e.g. --prompt liver.")
+    texts = [text] if text is None or isinstance(text, str) else list(text)
+    lines = [line for item in texts if item is not None for line in str(item).splitlines() if line.strip()]
+    if not lines:
+        raise RefSAM3DError("Empty prompt: name the structure to segment, e.g. 'liver'.")
     prompts: list[Prompt] = []
     seen: set[str] = set()
-    for line in str(text).splitlines():
-        if not line.strip():
-            continue
+    for line in lines:
         for prompt in _parse_line(line.strip()):
             identity = prompt.structure.key if prompt.structure else "?" + _canonical(prompt.text)
             if identity not in seen:

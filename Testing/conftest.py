@@ -119,3 +119,166 @@ def untrained_model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("model") / "untrained-small"
     save_checkpoint(build_model("small"), directory, {"name": "untrained-small", "version": "test"})
     return directory
+
+
+# ---- Slicer's GUI layer, stood in for slicer-core ------------------------------------------------
+
+
+class _AnyGuiObject:
+    """A stand-in for any Qt/CTK class or object: every call, attribute and item gives another
+    stand-in. Only RefSAM3D's widget and module metadata touch these; its Logic must not."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _AnyGuiObject()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _AnyGuiObject()
+
+    def __iter__(self):
+        return iter(())
+
+    def __bool__(self):
+        return False
+
+
+def _gui_module(name: str):
+    """A module whose every public name is :class:`_AnyGuiObject` (``qt.QTimer``, ``ctk.ctkPathLineEdit``, ...)."""
+    import types
+
+    def any_class(attribute: str):
+        if attribute.startswith("__"):  # module machinery (__file__, __path__) stays absent
+            raise AttributeError(attribute)
+        return _AnyGuiObject
+
+    module = types.ModuleType(name)
+    module.__getattr__ = any_class
+    return module
+
+
+def _scripted_loadable_module():
+    """``slicer.ScriptedLoadableModule``'s four base classes, as small as RefSAM3D.py needs."""
+    import types
+    import unittest
+
+    module = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+        def setup(self):
+            self.layout = _AnyGuiObject()
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            print(message)
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget, ScriptedLoadableModuleTest):
+        setattr(module, cls.__name__, cls)
+    return module
+
+
+@pytest.fixture
+def refsam3d_module(monkeypatch, slicer_app):
+    """``RefSAM3D/RefSAM3D.py`` itself, imported on real slicer-core (MRML scene, logics,
+    ``slicer.util``) with the smallest generic stand-ins for what only the desktop application has:
+    the ``qt`` and ``ctk`` modules, ``slicer.ScriptedLoadableModule``, ``slicer.i18n`` (identity)
+    and ``slicer.parameterNodeWrapper`` (the class unchanged). ``slicer.mrmlScene`` is the app's scene."""
+    import importlib.util
+    import sys
+    import types
+
+    import slicer
+
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.WithinRange = _AnyGuiObject
+    stand_ins = {
+        "qt": _gui_module("qt"),
+        "ctk": _gui_module("ctk"),
+        "slicer.ScriptedLoadableModule": _scripted_loadable_module(),
+        "slicer.i18n": i18n,
+        "slicer.parameterNodeWrapper": wrapper,
+    }
+    for name, module in stand_ins.items():
+        monkeypatch.setitem(sys.modules, name, module)
+        if name.startswith("slicer."):
+            monkeypatch.setattr(slicer, name.split(".", 1)[1], module, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", slicer_app.scene, raising=False)
+    path = Path(__file__).resolve().parents[1] / "RefSAM3D" / "RefSAM3D.py"
+    spec = importlib.util.spec_from_file_location("RefSAM3D", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "RefSAM3D", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def slicer_app():
+    """A headless Slicer core (trame-slicer's SlicerApp), one per session: MRML scene plus the
+    volumes, segmentations, subject hierarchy and terminologies logics, with Slicer's terminology files."""
+    from trame_slicer.core import SlicerApp
+
+    return SlicerApp()
+
+
+@pytest.fixture(scope="session")
+def terminology_problem(slicer_app):
+    """``problem(entry) -> str``: '' when the app's terminology logic (Slicer's
+    ``vtkSlicerTerminologiesModuleLogic``) finds the serialised TerminologyEntry, else what it lacks."""
+    return lambda entry: _terminology_problem(slicer_app.terminologies_logic, entry)
+
+
+def _terminology_problem(terminologies_logic, entry: str) -> str:
+    """'' when ``terminologies_logic`` finds ``entry``: its context is loaded and lists the
+    category, the type in it and the type modifier; else what is missing."""
+    import slicer
+
+    parsed = slicer.vtkSlicerTerminologyEntry()
+    if not terminologies_logic.DeserializeTerminologyEntry(entry, parsed):
+        return "not a terminology entry"
+    context = parsed.GetTerminologyContextName()
+    wanted_category, wanted_type, wanted_modifier = (parsed.GetCategoryObject(), parsed.GetTypeObject(),
+                                                     parsed.GetTypeModifierObject())
+
+    def same(a, b) -> bool:
+        return (a.GetCodingSchemeDesignator(), a.GetCodeValue()) == (b.GetCodingSchemeDesignator(), b.GetCodeValue())
+
+    category = slicer.vtkSlicerTerminologyCategory()
+    for n in range(terminologies_logic.GetNumberOfCategoriesInTerminology(context)):
+        terminologies_logic.GetNthCategoryInTerminology(context, n, category)
+        if same(category, wanted_category):
+            break
+    else:
+        return f"category {wanted_category.GetCodeMeaning()} not in '{context}'"
+    found = slicer.vtkSlicerTerminologyType()
+    for n in range(terminologies_logic.GetNumberOfTypesInTerminologyCategory(context, category)):
+        terminologies_logic.GetNthTypeInTerminologyCategory(context, category, n, found)
+        if same(found, wanted_type):
+            break
+    else:
+        return f"type {wanted_type.GetCodeMeaning()} not in '{context}'"
+    if not wanted_modifier.GetCodeValue():
+        return ""
+    modifier = slicer.vtkSlicerTerminologyType()
+    for n in range(terminologies_logic.GetNumberOfTypeModifiersInTerminologyType(context, category, found)):
+        terminologies_logic.GetNthTypeModifierInTerminologyType(context, category, found, n, modifier)
+        if same(modifier, wanted_modifier):
+            return ""
+    return f"modifier {wanted_modifier.GetCodeMeaning()} of {wanted_type.GetCodeMeaning()} not in '{context}'"

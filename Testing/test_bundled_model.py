@@ -57,3 +57,22 @@ def test_bundled_model_segments_a_held_out_mri_into_one_label_map_with_sides_apa
     # Laterality: the label map's left kidney does not cover the right kidney (v1 gave both the same mask).
     left = result.label_map == 3
     assert case_metrics(left, label.array == values["kidney_right"], spacing)["dice"] < 0.05
+
+
+def test_held_out_scores_in_the_checkpoint_are_the_model_cards():
+    """The Slicer panel shows ``metadata.held_out_dice`` (read without torch): the card's table."""
+    from RefSAM3DLib.model_info import BUNDLED_MODEL_DIR as SUMMARY_DIR
+    from RefSAM3DLib.model_info import model_summary
+
+    assert SUMMARY_DIR == BUNDLED_MODEL_DIR
+    summary = model_summary()
+    card = (BUNDLED_MODEL_DIR / "MODEL_CARD.md").read_text()
+    assert summary.name == BUNDLED_NAME and set(summary.held_out_dice) == {"CT", "MR"}
+    assert set(summary.held_out_dice["CT"]) == set(summary.structures)
+    for modality, scores in summary.held_out_dice.items():
+        for key, dice in scores.items():
+            assert key in summary.structures
+            if dice > 0:
+                assert re.search(rf"\| {modality}( \([^)]*\))? \| {key} \| {dice:.3f} \|", card), (modality, key, dice)
+            else:
+                assert re.search(r"\| 0\.000 \|", card)

@@ -39,7 +39,8 @@ def test_segment_writes_labelmap_json_and_overlay(model_dir, small_ct, tmp_path,
     output = tmp_path / "out.nii.gz"
     overlay = tmp_path / "out.png"
     code, out, err = run(
-        ["segment", str(small_ct), "-p", "liver, spleen", "--model", str(model_dir), "-o", str(output), "--overlay", str(overlay)],
+        ["segment", str(small_ct), "-p", "liver, spleen", "-p", "hepatic", "--model", str(model_dir), "-o", str(output),
+         "--overlay", str(overlay)],
         capsys,
     )
     assert code == 0, err
@@ -50,6 +51,8 @@ def test_segment_writes_labelmap_json_and_overlay(model_dir, small_ct, tmp_path,
     np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)
     summary = json.loads(output.with_name("out.json").read_text())
     assert "untrained-small" in json.dumps(summary)
+    # every --prompt is read by the vocabulary as a line of one text: "hepatic" repeats the liver
+    assert [label["key"] for label in summary["labels"].values()] == ["liver", "spleen"]
     assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Liver" in out and "Spleen" in out
 

@@ -4,8 +4,8 @@ A real CT is loaded into volume nodes, as is and as an oblique, flipped, anisotr
 bridge must read the same voxels and geometry as ``io.read_volume``, and segments it writes must
 export back onto the input's grid voxel for voxel.
 
-Helpers for other tests: ``slicer_app`` (fixture), ``load_volume_node(app, path)``,
-``segment_masks(segmentation_node, volume_node)``.
+Helpers for other tests: ``load_volume_node(app, path)``, ``segment_masks(segmentation_node,
+volume_node)``; the ``slicer_app`` fixture is in conftest.py.
 """
 
 from __future__ import annotations
@@ -22,14 +22,6 @@ from RefSAM3DLib.vocabulary import lookup
 
 CASE = "ts_example_ct"
 LIVER, SPLEEN = 5, 1  # values in the bundled label map (labelmaps.json)
-
-
-@pytest.fixture(scope="module")
-def slicer_app():
-    """A headless Slicer core: MRML scene plus the volumes, segmentations and subject hierarchy logics."""
-    from trame_slicer.core import SlicerApp
-
-    return SlicerApp()
 
 
 def load_volume_node(app, path):
@@ -264,3 +256,86 @@ def test_vector_volume_is_refused(slicer_app):
     node = slicer_app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
     with pytest.raises(RefSAM3DError, match="scalar"):
         mrml.volume_from_node(node)
+
+
+@pytest.mark.parametrize("recorded, expected", [("CT", "CT"), ("MR", "MR"), ("PT", None), (None, None)])
+def test_modality_comes_from_the_dicom_series_item_in_the_subject_hierarchy(slicer_app, samples_dir, recorded, expected):
+    """Slicer's DICOM plugins record Modality (0008,0060) on the volume's subject-hierarchy item."""
+    import slicer
+
+    node = load_volume_node(slicer_app, samples_dir / f"{CASE}_image.nii.gz")
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_app.scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient"), "Study")
+    series = hierarchy.CreateItem(study, node)
+    if recorded:
+        hierarchy.SetItemAttribute(series, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName(), recorded)
+
+    assert mrml.dicom_modality(node) == expected
+    assert mrml.volume_from_node(node).modality == expected
+    assert mrml.volume_from_node(node, modality="MR").modality == "MR"  # an explicit choice wins
+
+
+def test_worker_file_imports_with_slicers_reader_onto_the_input_voxels(slicer_app, case_files, tmp_path):
+    """The Slicer module's path: the worker's .seg.nrrd (world geometry), read by Slicer's own reader."""
+    image_path, label_path = case_files
+    node = load_volume_node(slicer_app, image_path)
+    result = _reference_result(mrml.volume_from_node(node), label_path)
+    io.write_seg_nrrd(result, tmp_path / "worker.seg.nrrd")
+    nodes_before = slicer_app.scene.GetNumberOfNodes()
+
+    segmentation_node, segment_ids = mrml.import_segmentation_file(tmp_path / "worker.seg.nrrd", node)
+
+    # one segmentation node (and its display node) more, named after the input
+    assert slicer_app.scene.GetNumberOfNodes() == nodes_before + 2
+    assert segmentation_node.GetName().startswith(node.GetName())
+    segmentation = segmentation_node.GetSegmentation()
+    assert segment_ids == [segmentation.GetNthSegmentID(n) for n in range(2)] == ["liver", "spleen"]
+    for segment_id, expected in zip(segment_ids, result.segments):
+        segment = segmentation.GetSegment(segment_id)
+        assert segment.GetName() == expected.structure.name
+        np.testing.assert_allclose(segment.GetColor(), np.array(expected.structure.color_rgb) / 255.0, atol=1e-6)
+        assert _tag(segment, "TerminologyEntry") == expected.structure.terminology_entry()
+        assert _tag(segment, "RefSAM3D.Prompt") == expected.prompt
+    masks = segment_masks(segmentation_node, node)
+    for expected in result.segments:
+        assert np.array_equal(masks[expected.name], expected.mask)
+        spacing_ml = np.prod(node.GetSpacing()) / 1000.0
+        segment_id = segment_ids[result.segments.index(expected)]
+        assert mrml.segment_volume_ml(segmentation_node, segment_id) == pytest.approx(expected.mask.sum() * spacing_ml)
+
+
+def test_imported_segments_follow_the_transform_and_clashing_names_get_a_suffix(slicer_app, samples_dir, tmp_path):
+    import slicer
+
+    node = load_volume_node(slicer_app, samples_dir / f"{CASE}_image.nii.gz")
+    to_world = np.eye(4)
+    to_world[:3, :3] = _rotation((1, 0, 1), 20.0)
+    to_world[:3, 3] = (-7.0, 12.0, 3.0)
+    transform_node = slicer_app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform_node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_world))
+    node.SetAndObserveTransformNodeID(transform_node.GetID())
+    result = _reference_result(mrml.volume_from_node(node), samples_dir / f"{CASE}_label.nii.gz")
+    io.write_seg_nrrd(result, tmp_path / "worker.seg.nrrd")
+
+    segmentation_node, first = mrml.import_segmentation_file(tmp_path / "worker.seg.nrrd", node)
+    nodes_before = slicer_app.scene.GetNumberOfNodes()
+    same_node, second = mrml.import_segmentation_file(tmp_path / "worker.seg.nrrd", node, segmentation_node)
+    assert slicer_app.scene.GetNumberOfNodes() == nodes_before  # the reading node is gone
+
+    assert same_node is segmentation_node and segmentation_node.GetTransformNodeID() == transform_node.GetID()
+    assert len(set(first + second)) == 4
+    liver, spleen = (s.name for s in result.segments)
+    masks = segment_masks(segmentation_node, node)
+    assert list(masks) == [liver, spleen, f"{liver} (2)", f"{spleen} (2)"]
+    for expected in result.segments:
+        assert np.array_equal(masks[expected.name], expected.mask)
+        assert np.array_equal(masks[f"{expected.name} (2)"], expected.mask)
+
+
+def test_an_unreadable_worker_file_adds_nothing(slicer_app, samples_dir, tmp_path):
+    node = load_volume_node(slicer_app, samples_dir / f"{CASE}_image.nii.gz")
+    (tmp_path / "broken.seg.nrrd").write_bytes(b"NRRD0004\nnot really\n")
+    nodes_before = slicer_app.scene.GetNumberOfNodes()
+    with pytest.raises(RefSAM3DError, match="could not read"):
+        mrml.import_segmentation_file(tmp_path / "broken.seg.nrrd", node)
+    assert slicer_app.scene.GetNumberOfNodes() == nodes_before

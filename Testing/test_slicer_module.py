@@ -1,4 +1,6 @@
-"""The Slicer module's files, checked without Slicer: the .ui, the module code and the CMake install."""
+"""The Slicer module: its files (.ui, CMake install, metadata) and ``RefSAM3D/RefSAM3D.py`` itself,
+imported and run on real slicer-core MRML (conftest's ``refsam3d_module``: generic stand-ins only
+for the Qt/CTK layer slicer-core lacks)."""
 
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ def test_ui_is_qt_designer_xml_with_a_mrml_top_widget():
     top = root.find("widget")
     assert top.get("class") == "qMRMLWidget" and root.findtext("class") == top.get("name")
     declared = {custom.findtext("class") for custom in root.iter("customwidget")}
-    qt_classes = {"QLabel", "QPlainTextEdit", "QComboBox", "QPushButton", "QDoubleSpinBox", "QCheckBox",
-                  "QProgressBar", "QTableWidget", "QWidget"}
+    qt_classes = {"QLabel", "QPlainTextEdit", "QTextEdit", "QComboBox", "QPushButton", "QDoubleSpinBox", "QCheckBox",
+                  "QProgressBar", "QWidget"}
     for name, cls in _ui_widgets().items():
         assert cls in qt_classes or cls in declared, f"{name}: class {cls} is neither Qt's nor declared as a custom widget"
     names = list(_ui_widgets())
@@ -81,14 +83,54 @@ def test_help_says_not_for_clinical_use():
     assert "Not for clinical use" in _module_source()
 
 
-def test_pinned_requirements_skip_what_slicer_ships():
+def test_the_module_keeps_no_list_of_requirements_of_its_own():
+    """The requirements exist once, in pyproject.toml (install_plan reads them)."""
+    source = _module_source()
+    assert "REQUIREMENTS" not in source and "pip_install(" not in source
+    assert not re.search(r"[\"'](monai|safetensors|open-clip-torch|scipy)[=<>]", source)
+
+
+def test_parameter_node_wrapper_fields_match_the_ui():
+    """Every widget the .ui binds (SlicerParameterName) names a field of RefSAM3DParameterNode."""
     tree = ast.parse(_module_source())
-    assignment = next(node for node in tree.body if isinstance(node, ast.Assign) and
-                      any(getattr(target, "id", "") == "REQUIREMENTS" for target in node.targets))
-    requirements = ast.literal_eval(assignment.value)
-    for module, requirement in requirements:
-        assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.]*", requirement), f"{requirement} is not pinned"
-        assert module not in ("numpy", "SimpleITK", "torch", "torchvision"), f"{module} must come from Slicer / PyTorch extension"
+    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "RefSAM3DParameterNode")
+    assert any(ast.unparse(d) == "parameterNodeWrapper" for d in wrapper.decorator_list)
+    fields = {node.target.id for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+    bound = {prop.findtext("string") for prop in ET.parse(UI).getroot().iter("property")
+             if prop.get("name") == "SlicerParameterName"}
+    assert bound and bound <= fields, bound - fields
+    assert {"inputVolume", "outputSegmentation", "prompt", "overlap"} <= bound
+
+
+def test_user_visible_strings_are_translatable():
+    """No bare string literal reaches a label, tooltip or dialog: texts go through ``_()``/``translate``."""
+    source = _module_source()
+    assert "from slicer.i18n import tr as _" in source and "translate(" in source
+    tree = ast.parse(source)
+    bare = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in ("text", "toolTip", "title",
+                                                                                          "helpText", "acknowledgementText")
+                                                for t in node.targets):
+            value = node.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "errorDisplay", "confirmOkCancelDisplay", "delayDisplay", "warningDisplay", "infoDisplay") and node.args:
+            value = node.args[0]
+        else:
+            continue
+        if isinstance(value, (ast.Constant, ast.JoinedStr)) and not (isinstance(value, ast.Constant) and value.value in ("", None)):
+            bare.append(ast.unparse(node)[:90])
+    # The self-test's per-structure Dice lines are test output, not panel text.
+    bare = [line for line in bare if "Dice {dice" not in line]
+    assert not bare, bare
+
+
+def test_no_placeholder_urls_and_a_licence_file():
+    """Homepage, icon and screenshot URLs that pointed nowhere are gone (no public repository yet)."""
+    for path in (MODULE, ROOT / "CMakeLists.txt"):
+        text = path.read_text(encoding="utf-8")
+        assert "github.com/refsam3d" not in text and "raw.githubusercontent.com/refsam3d" not in text, path
+    assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
 
 
 def _cmake_lists(tmp_path) -> tuple[list[str], list[str]]:
@@ -113,10 +155,11 @@ def test_cmake_installs_every_library_and_resource_file(tmp_path):
         for path in (ROOT / folder).rglob("*")
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
     )
-    assert sorted(python_files + data_files) == on_disk
+    assert sorted(python_files + data_files) == sorted(on_disk + ["pyproject.toml"])
     assert all(name.endswith(".py") for name in python_files)
     assert "Resources/UI/RefSAM3D.ui" in data_files and "Resources/Icons/RefSAM3D.png" in data_files
     assert "RefSAM3DLib/mrml.py" in python_files and "RefSAM3DLib/cli.py" in python_files
+    assert "RefSAM3DLib/terminology/SegmentationCategoryTypeModifier-RefSAM3D.term.json" in data_files
 
 
 def test_cmake_builds_the_scripted_module_with_extension_metadata():
@@ -128,9 +171,10 @@ def test_cmake_builds_the_scripted_module_with_extension_metadata():
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in top
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in top
     assert re.search(r"add_subdirectory\(RefSAM3D\)", top)
-    for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
-                  "EXTENSION_SCREENSHOTURLS"):
+    for field in ("EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
         assert re.search(rf'set\({field} "[^"]+"\)', top), f"{field} is empty"
+    for field in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):  # set when published
+        assert re.search(rf'set\({field} "(https://[^"]+)?"\)', top), f"{field} is not an https URL"
 
 
 def test_icons_are_128_pixel_pngs():
@@ -141,53 +185,121 @@ def test_icons_are_128_pixel_pngs():
             assert icon.format == "PNG" and icon.size == (128, 128)
 
 
-@pytest.fixture
-def module_file(monkeypatch):
-    """RefSAM3D.py imported outside the Slicer application.
-
-    Slicer's GUI layer (``qt``, ``slicer.ScriptedLoadableModule``) does not exist in slicer-core,
-    so those two imports get empty stand-ins; the logic only uses the MRML scene, slicer.util and
-    our library, all real here.
-    """
-    import importlib.util
-    import sys
-    import types
-
-    import slicer
-
-    gui = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
-        setattr(gui, name, type(name, (), {"__init__": lambda self, *args: None}))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", gui)
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setattr(slicer, "ScriptedLoadableModule", gui, raising=False)
-    spec = importlib.util.spec_from_file_location("RefSAM3D", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_logic_splits_prompts_suggests_structures_and_describes_the_device(module_file):
+def test_logic_reads_prompts_with_the_vocabulary_alone(refsam3d_module):
+    """The panel, the Logic and the CLI read prompt text one way: a sentence with a comma is one
+    structure, a repeat is kept once, an empty prompt is refused."""
+    from RefSAM3DLib.errors import RefSAM3DError
     from RefSAM3DLib.vocabulary import lookup
 
-    logic = module_file.RefSAM3DLogic
-    assert logic.splitPrompts("liver, spleen\n  perform left kidney segmentation;;\n") == [
-        "liver", "spleen", "perform left kidney segmentation"]
-    assert logic.splitPrompts(["aorta", " "]) == ["aorta"]
-    assert lookup("liver").name in logic.structureNames()
-    text, warning = logic.describeDevice('{"cuda": true, "name": "Tiny GPU", "free_gb": 1.5, "total_gb": 2.0}')
-    assert "Tiny GPU" in text and "1.5" in text and "GPU memory" in warning
-    assert logic.describeDevice('{"cuda": false}')[0].startswith("No CUDA GPU")
+    logic = refsam3d_module.RefSAM3DLogic
+    read = [p.structure.key if p.structure else None for p in logic.readPrompts("CT images, liver segmentation")]
+    assert read == ["liver"]
+    assert [p.structure.key for p in logic.readPrompts("liver\nliver")] == ["liver"]
+    assert [p.structure.key for p in logic.readPrompts(["liver, spleen", "hepatic", "kidneys"])] == [
+        "liver", "spleen", "kidney_right", "kidney_left"]
+    with pytest.raises(RefSAM3DError):
+        logic.readPrompts(" \n ")
+    summary = logic.modelSummary()
+    assert summary.trained_on("liver") and not summary.trained_on("vertebrae_L1")
+    assert summary.rows()[0][0] in (lookup("liver").name, lookup("kidney_right").name)  # best scored first
+    assert summary.scores("liver") == "CT 0.82, MR 0.85"
 
 
-def test_logic_process_matches_the_cli_voxel_for_voxel(module_file, tmp_path):
+PROBES = {
+    "cuda": ('{"torch": "2.9.0+cu128", "cuda": true, "name": "Tiny GPU", "free_gb": 1.5, "total_gb": 2.0, "mps": false, '
+             '"engine_devices": ["auto", "cpu", "cuda"]}'),
+    "no torch": '{"torch": null}',
+    "broken torch": '{"torch_error": "OSError: [WinError 126] c10.dll not found"}',
+    "mps": '{"torch": "2.9.0", "cuda": false, "mps": true, "engine_devices": ["auto", "cpu", "cuda", "mps"]}',
+    "mps, older engine": '{"torch": "2.9.0", "cuda": false, "mps": true, "engine_devices": ["auto", "cpu", "cuda"]}',
+    "cuda query fails": '{"torch": "2.9.0", "cuda_error": "RuntimeError: driver too old", "mps": false}',
+    "packages missing": '{"torch": "2.9.0", "cuda": false, "mps": false, "engine_error": "ModuleNotFoundError: No module named \'monai\'"}',
+}
+
+
+@pytest.mark.parametrize("case", list(PROBES))
+def test_device_probe_is_reported_as_what_it_found(refsam3d_module, case):
+    text, warning, devices = refsam3d_module.RefSAM3DLogic.describeDevice(PROBES[case])
+    assert devices[0] == "auto" and "cpu" in devices
+    if case == "cuda":
+        assert "Tiny GPU" in text and "1.5" in text and "GPU memory" in warning and "cuda" in devices
+    elif case == "no torch":
+        assert "not installed" in text and devices == ["auto", "cpu"]
+    elif case == "broken torch":
+        assert "could not be loaded" in text and "c10.dll" in text and "not installed" not in text
+    elif case == "mps":
+        assert "Apple GPU" in text and "mps" in devices and not warning
+    elif case == "mps, older engine":
+        assert "mps" not in devices and "Apple GPU" in warning
+    elif case == "cuda query fails":
+        assert "driver too old" in warning and "cuda" not in devices
+    elif case == "packages missing":
+        assert "monai" in warning and "No GPU" in text
+
+
+def test_the_logic_runs_end_to_end_on_slicer_core(refsam3d_module, slicer_app, samples_dir, tmp_path, terminology_problem):
+    """The issue's test: RefSAM3D.py's own Logic on real slicer-core MRML. One prompt, "CT images,
+    spleen segmentation", on a sample CT gives exactly one segment, the spleen, whose terminology
+    Slicer resolves and which lies on the volume's voxel grid (bundled model, a small crop)."""
+    import numpy as np
+    import SimpleITK as sitk
+    import slicer
+    import vtk
+
+    from RefSAM3DLib import mrml
+    from RefSAM3DLib.vocabulary import lookup
+
+    image = sitk.ReadImage(str(samples_dir / "msd_spleen_2_crop_image.nii.gz"))
+    sitk.WriteImage(image[30:130, 40:140, :], str(tmp_path / "ct.nrrd"))
+    (volume_node,) = slicer_app.io_manager.load_volumes(str(tmp_path / "ct.nrrd"))
+    # As Slicer's DICOM plugin leaves a CT series: patient > study > the volume's item carrying the modality.
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_app.scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient"), "Study")
+    hierarchy.SetItemAttribute(hierarchy.CreateItem(study, volume_node), "DICOM.Modality", "CT")
+    logic = refsam3d_module.RefSAM3DLogic()
+    logic.loadTerminology(slicer_app.terminologies_logic)
+    lines, fractions = [], []
+    logic.logCallback = lines.append
+
+    segmentation_node = logic.process(volume_node, "CT images, spleen segmentation", device="cpu",
+                                      progressCallback=lambda fraction, message: fractions.append(fraction))
+
+    segmentation = segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment = segmentation.GetNthSegment(0)
+    assert segment.GetName() == lookup("spleen").name
+    entry, key = vtk.reference(""), vtk.reference("")
+    assert segment.GetTag("TerminologyEntry", entry) and segment.GetTag("RefSAM3D.StructureKey", key)
+    assert str(key) == "spleen" and terminology_problem(str(entry)) == ""
+    assert any("(CT)" in line for line in lines), "the DICOM modality reached the worker"
+    assert fractions and fractions == sorted(fractions)
+    # On the volume's grid: the segment's voxels are the volume's voxels, under the same transform.
+    assert segmentation_node.GetTransformNodeID() == volume_node.GetTransformNodeID()
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segmentation.GetNthSegmentID(0), labelmap)
+    image_to_world, ijk_to_ras = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(image_to_world)
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(image_to_world), slicer.util.arrayFromVTKMatrix(ijk_to_ras), atol=1e-6)
+    extent, dimensions = labelmap.GetExtent(), volume_node.GetImageData().GetDimensions()
+    assert all(0 <= extent[2 * axis] and extent[2 * axis + 1] < dimensions[axis] for axis in range(3))
+    mask = mrml.segmentation_node_to_labelmap_array(segmentation_node, volume_node, [segmentation.GetNthSegmentID(0)])
+    assert mask.shape == slicer.util.arrayFromVolume(volume_node).shape
+    assert mask.any(), "the bundled model finds some spleen in a crop centred on it"
+    assert [name for name, _ in logic.lastVolumesMl] == [segment.GetName()]
+    spacing = np.prod(volume_node.GetSpacing())
+    assert logic.lastVolumesMl[0][1] == pytest.approx(mask.sum() * spacing / 1000.0, rel=1e-6)
+
+    assert logic.undoLastRun()
+    assert segmentation_node.GetScene() is None, "undo removes the segmentation the run created"
+
+
+def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_app, tmp_path):
     """Batch use of RefSAM3DLogic.process (no widget): the segmentation node it builds equals, voxel
     for voxel, the .seg.nrrd that ``refsam3d segment`` writes for the same file and prompts."""
     import numpy as np
     import SimpleITK as sitk
     import torch
-    from trame_slicer.core import SlicerApp
 
     from RefSAM3DLib import io, mrml
     from RefSAM3DLib.checkpoint import save_checkpoint
@@ -211,11 +323,10 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(module_file, tmp_path):
         model.mask_decoder.out_conv.bias -= torch.cat([x.flatten() for x in logits]).median()
     model_dir = tmp_path / "untrained-small"
     save_checkpoint(model, model_dir, {"name": "untrained-small", "version": "test"})
-    app = SlicerApp()
-    (node,) = app.io_manager.load_volumes(str(input_path))
+    (node,) = slicer_app.io_manager.load_volumes(str(input_path))
 
     fractions = []
-    logic = module_file.RefSAM3DLogic()
+    logic = refsam3d_module.RefSAM3DLogic()
     segmentation_node = logic.process(node, "liver, spleen", device="cpu", model=str(model_dir),
                                       progressCallback=lambda fraction, message: fractions.append(fraction))
 
@@ -231,3 +342,21 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(module_file, tmp_path):
         exported = mrml.segmentation_node_to_labelmap_array(segmentation_node, node, [segmentation.GetNthSegmentID(n)])
         assert 0.05 < expected.mask.mean() < 0.95, "the comparison needs masks with borders"
         assert np.array_equal(exported, expected.mask), f"{names[n]} differs from the CLI's output"
+
+
+def test_self_test_skips_cleanly_without_the_worker_packages(refsam3d_module, monkeypatch):
+    """Where Slicer's extension builds run the self-test, the packages are absent: it is skipped
+    (unittest's skip), not failed; in the application it says so and returns."""
+    import unittest
+
+    from RefSAM3DLib.install_plan import InstallPlan
+
+    monkeypatch.setattr(refsam3d_module.RefSAM3DLogic, "installPlan",
+                        lambda self: InstallPlan(pip_requirements=("monai>=1.3",)))
+    test = refsam3d_module.RefSAM3DTest()
+    assert "monai" in test.skipReason()
+    monkeypatch.setattr(test, "setUp", lambda: None)
+    app = type("App", (), {"testingEnabled": staticmethod(lambda: True)})()
+    monkeypatch.setattr(refsam3d_module.slicer, "app", app, raising=False)
+    with pytest.raises(unittest.SkipTest, match="monai"):
+        test.runTest()

@@ -103,6 +103,32 @@ def test_the_same_structure_twice_is_kept_once():
     assert keys(parse_prompts("liver, Liver\nhepatic")) == ["liver"]
 
 
+def test_several_texts_read_as_lines_of_one_and_repeats_across_them_collapse():
+    assert keys(parse_prompts(["liver, spleen", "hepatic", "kidneys"])) == ["liver", "spleen", "kidney_right", "kidney_left"]
+    assert keys(parse_prompts("liver\nliver")) == ["liver"]
+    with pytest.raises(RefSAM3DError, match="Empty prompt"):
+        parse_prompts(["", "  "])
+
+
+def test_a_sentence_with_a_comma_is_one_structure():
+    """The phrasing the model was trained on: "CT images" is context, not a second structure."""
+    prompts = parse_prompts("CT images, liver segmentation")
+    assert keys(prompts) == ["liver"] and prompts[0].text == "CT images, liver segmentation"
+    assert keys(parse_prompts("MRI images, left kidney segmentation\nCT images, spleen segmentation")) == ["kidney_left", "spleen"]
+
+
+@pytest.mark.parametrize("text", [
+    "CT images, liver segmentation", "liver, spleen and stomach", "kidneys", "both adrenal glands", "hippocampus",
+    "liver and tumour", "head and neck", "CT images, foo", "T1 MRI, liver", "portal vein and splenic vein, aorta",
+    "left and right kidney\nliver, Liver", "segment the left kidney please; spleen",
+])
+def test_the_texts_of_parsed_prompts_parse_back_to_the_same_prompts(text):
+    """The Slicer Logic hands the worker ``[p.text for p in parse_prompts(text)]``; the worker's
+    reading of those must be the Logic's."""
+    prompts = parse_prompts(text)
+    assert parse_prompts([p.text for p in prompts]) == prompts
+
+
 def test_unknown_text_is_kept_without_a_structure():
     prompts = parse_prompts("liver and tumour")
     assert keys(prompts) == ["liver", None]
@@ -139,8 +165,11 @@ def test_terminology_entry_follows_slicers_serialisation():
         "~SCT^64033007^Kidney~SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^"
     )
     assert "~SCT^10200004^Liver~^^~" in lookup("liver").terminology_entry()
-    # structures Slicer's General Anatomy list lacks are coded in the DICOM master list context
+    # structures Slicer's General Anatomy list lacks are coded in the DICOM master list context,
+    # and those both lack in RefSAM3D's own context (RefSAM3DLib/terminology, test_terminology.py)
     assert lookup("inferior vena cava").terminology_entry().startswith("Segmentation category and type - DICOM master list~")
+    assert lookup("L1 vertebra").terminology_entry().startswith("Segmentation category and type - RefSAM3D~")
+    assert lookup("anterior hippocampus").terminology_entry().startswith("Segmentation category and type - RefSAM3D~")
     for structure in STRUCTURES.values():
         fields = structure.terminology_entry().split("~")
         assert len(fields) == 7 and all(len(f.split("^")) == 3 for f in fields[1:4])
