@@ -41,7 +41,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "refsam3d-checkpoint"
 FORMAT_VERSION = 1
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v2"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v3"
 CLIP_HF_REPO = "timm/vit_base_patch16_clip_224.openai"
 
 
@@ -423,7 +423,7 @@ def write_text_embedding_cache(directory: "str | Path") -> Path:
     metadata (the whole vocabulary when it names none), not on the trained weights: run this
     after replacing a folder's weights by hand,
     e.g. ``python -c "from RefSAM3DLib.checkpoint import write_text_embedding_cache as w;
-    w('RefSAM3DLib/models/refsam3d-small-v2')"``.
+    w('RefSAM3DLib/models/refsam3d-small-v3')"``.
 
     Raises:
         RefSAM3DError: not a model folder, a config without a MiniLM text encoder, or an installed
@@ -558,7 +558,7 @@ def load_model(
 
     Args:
         name_or_path: a checkpoint directory; None or ``"default"`` is the bundled model
-            ``RefSAM3DLib/models/refsam3d-small-v2``.
+            ``RefSAM3DLib/models/refsam3d-small-v3``.
         device: torch device for the model.
         sam_checkpoint / clip_checkpoint / text_encoder: as in ``build_untrained``.
 

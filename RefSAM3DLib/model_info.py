@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import RefSAM3DError
 from .vocabulary import STRUCTURES
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v2"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v3"
 """The bundled default model (``checkpoint.BUNDLED_MODEL_DIR``, named here too so that reading it needs no torch)."""
 
 
