@@ -33,14 +33,18 @@ from .volume import Volume
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a fallback."""
+    """``auto`` picks CUDA when present; asking for a GPU without one is an error, not a fallback.
+
+    Apple's MPS runs only when asked for by name: no MPS run of this engine has been checked yet,
+    so ``auto`` never picks it.
+    """
     name = (device or "auto").lower()
     if name not in DEVICES and not name.startswith("cuda:"):
-        raise RefSAM3DError(f"Unknown device {device!r}: use one of auto, cpu, cuda (or cuda:N).")
+        raise RefSAM3DError(f"Unknown device {device!r}: use one of auto, cpu, cuda (or cuda:N), mps.")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -48,6 +52,8 @@ def resolve_device(device: str) -> torch.device:
             "CUDA was requested but no CUDA GPU is usable by this PyTorch build; "
             "use --device cpu (slower) or install a CUDA build of torch."
         )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RefSAM3DError("MPS (Apple GPU) was requested but this PyTorch build or machine has none; use --device cpu.")
     return torch.device(name)
 
 

@@ -109,6 +109,12 @@ def test_cuda_without_gpu_is_a_clear_error():
         resolve_device("cuda")
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the message shown on machines without MPS")
+def test_mps_is_offered_by_name_and_refused_clearly_where_absent():
+    with pytest.raises(RefSAM3DError, match="MPS.*--device cpu"):
+        resolve_device("mps")
+
+
 def test_volume_smaller_than_one_window_is_padded(untrained_small):
     tiny = Volume(np.full((3, 20, 20), 40, np.int16), np.diag([2.0, 2.0, 2.0, 1.0]), modality="CT")
     result = segment(tiny, ["liver"], model=untrained_small, device="cpu")
