@@ -10,6 +10,7 @@ from RefSAM3DLib.interactive import InteractiveSession, pad_to_window
 from RefSAM3DLib.model import build_model
 from RefSAM3DLib.model.text_encoder import ClipTextEncoder
 from RefSAM3DLib.volume import Volume
+from test_inference import oblique_ct as oblique_ct_volume
 
 torch.set_num_threads(1)
 
@@ -24,15 +25,7 @@ def tiny(tiny_sam_config):
 
 @pytest.fixture(scope="module")
 def oblique_ct():
-    rng = np.random.default_rng(0)
-    array = rng.normal(-500, 200, (20, 30, 26)).astype(np.int16)
-    array[5:15, 8:20, 6:18] = 80
-    angle = np.deg2rad(25)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = rotation @ np.diag([-1.5, 1.5, 2.5])
-    ijk_to_ras[:3, 3] = [30.0, -20.0, 10.0]
-    return Volume(array, ijk_to_ras, modality="CT", name="oblique")
+    return oblique_ct_volume((20, 30, 26))
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,14 @@ def segment_masks(segmentation_node, volume_node) -> dict[str, np.ndarray]:
     return masks
 
 
+def _assert_segment_carries(segment, expected) -> None:
+    """A Slicer segment holds the result segment's name, colour, terminology and prompt."""
+    assert segment.GetName() == expected.structure.name
+    np.testing.assert_allclose(segment.GetColor(), np.array(expected.structure.color_rgb) / 255.0, atol=1e-6)
+    assert _tag(segment, "TerminologyEntry") == expected.structure.terminology_entry()
+    assert _tag(segment, "RefSAM3D.Prompt") == expected.prompt
+
+
 def _tag(segment, name: str) -> str:
     import vtk
 
@@ -134,11 +142,7 @@ def test_segments_are_named_coloured_coded_and_lie_on_the_input_voxels(slicer_ap
     segmentation = segmentation_node.GetSegmentation()
     assert segmentation.GetNumberOfSegments() == 2
     for n, expected in enumerate(result.segments):
-        segment = segmentation.GetNthSegment(n)
-        assert segment.GetName() == expected.structure.name
-        np.testing.assert_allclose(segment.GetColor(), np.array(expected.structure.color_rgb) / 255.0, atol=1e-6)
-        assert _tag(segment, "TerminologyEntry") == expected.structure.terminology_entry()
-        assert _tag(segment, "RefSAM3D.Prompt") == expected.prompt
+        _assert_segment_carries(segmentation.GetNthSegment(n), expected)
     masks = segment_masks(segmentation_node, node)
     for expected in result.segments:
         assert expected.mask.sum() > 1000  # the reference label really has this organ
@@ -291,11 +295,7 @@ def test_worker_file_imports_with_slicers_reader_onto_the_input_voxels(slicer_ap
     segmentation = segmentation_node.GetSegmentation()
     assert segment_ids == [segmentation.GetNthSegmentID(n) for n in range(2)] == ["liver", "spleen"]
     for segment_id, expected in zip(segment_ids, result.segments):
-        segment = segmentation.GetSegment(segment_id)
-        assert segment.GetName() == expected.structure.name
-        np.testing.assert_allclose(segment.GetColor(), np.array(expected.structure.color_rgb) / 255.0, atol=1e-6)
-        assert _tag(segment, "TerminologyEntry") == expected.structure.terminology_entry()
-        assert _tag(segment, "RefSAM3D.Prompt") == expected.prompt
+        _assert_segment_carries(segmentation.GetSegment(segment_id), expected)
     masks = segment_masks(segmentation_node, node)
     for expected in result.segments:
         assert np.array_equal(masks[expected.name], expected.mask)
