@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import __version__, weights
 from .errors import RefSAM3DError
+from .model_info import BUNDLED_MODEL_DIR
 from .model import ModelConfig, RefSAM3D, build_model, get_config
 from .model.text_encoder_cache import (CACHE_FILE as TEXT_EMBEDDINGS_FILE, PrecomputedTextEncoder, encoder_identity,
                                        read_text_embeddings, vocabulary_phrases, write_text_embeddings)
@@ -41,7 +42,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "refsam3d-checkpoint"
 FORMAT_VERSION = 1
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v3"
 CLIP_HF_REPO = "timm/vit_base_patch16_clip_224.openai"
 
 

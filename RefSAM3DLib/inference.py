@@ -132,6 +132,15 @@ def check_memory(volume: Volume, model_shape_dhw: Sequence[int], n_prompts: int)
         )
 
 
+def input_modality(volume: Volume) -> tuple[str, list[str]]:
+    """The modality a volume is preprocessed as: its own, else guessed from its intensities (MR
+    when no guess is possible), with the warning a guess deserves."""
+    if volume.modality is not None:
+        return volume.modality, []
+    modality = guess_modality(volume.array) or "MR"
+    return modality, [f"Modality not given; treated as {modality} from its intensities (pass --modality to choose)."]
+
+
 def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
     """Optional clean-up of one binary mask ``(K, J, I)`` with scipy.ndimage.
 
@@ -215,9 +224,8 @@ def segment(
     config = model.config
     warnings.extend(untrained_structure_warnings(model, parsed))
 
-    modality = volume.modality or guess_modality(volume.array) or "MR"
-    if volume.modality is None:
-        warnings.append(f"Modality not given; treated as {modality} from its intensities (pass --modality to choose).")
+    modality, modality_warnings = input_modality(volume)
+    warnings.extend(modality_warnings)
 
     report(0.0, "Preparing the volume")
     intensity = preprocess.IntensitySettings.from_config(config, modality)

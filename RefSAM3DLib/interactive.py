@@ -21,16 +21,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-
 from . import geometry, preprocess
 from .errors import RefSAM3DError
-from .inference import (_as_model, check_memory, check_overlap, count_windows, expand_prompts, model_name,
-                        model_version, postprocess_mask, resolve_device, untrained_structure_warnings)
-from .io import available_memory_bytes, guess_modality
+from .inference import (_as_model, check_memory, check_overlap, count_windows, expand_prompts, input_modality,
+                        mask_on_input, model_name, model_version, resolve_device, untrained_structure_warnings)
+from .io import available_memory_bytes
 from .model.prompt_encoder import NO_TEXT_PROMPT
 from .result import LabelResult, Segment
-from .sliding_window import windows_per_batch
+from .sliding_window import blend_windows, windows_per_batch
 from .volume import Volume
 
 
@@ -94,9 +92,7 @@ class InteractiveSession:
         self.overlap = overlap
         config = self.model.config
         self.window = int(config.window_size_vox)
-        modality = volume.modality or guess_modality(volume.array) or "MR"
-        self.warnings = [] if volume.modality else [
-            f"Modality not given; treated as {modality} from its intensities (pass --modality to choose)."]
+        modality, self.warnings = input_modality(volume)
         model_shape = preprocess.model_grid(volume, config.spacing_mm).shape_dhw
         check_memory(volume, model_shape, 1)
         check_cache_memory(model_shape, config, overlap, self.device)
@@ -112,11 +108,7 @@ class InteractiveSession:
     def _sliding(self, predictor, batch: int) -> torch.Tensor:
         """MONAI's sliding window over the padded model-space image, with the engine's blending."""
         with torch.no_grad():
-            return sliding_window_inference(
-                self._image, roi_size=(self.window,) * 3, sw_batch_size=batch, predictor=predictor,
-                overlap=self.overlap, mode="gaussian", sw_device=self.device, device=torch.device("cpu"),
-                with_coord=True,
-            )[0]
+            return blend_windows(self._image, self.window, predictor, self.device, self.overlap, batch, with_coord=True)
 
     def _encode_all_windows(self) -> None:
         def encode(windows: torch.Tensor, slices) -> torch.Tensor:
@@ -201,8 +193,7 @@ class InteractiveSession:
         d, h, w = self.pad_before
         probabilities = probabilities[d:d + self.model_shape_dhw[0], h:h + self.model_shape_dhw[1],
                                       w:w + self.model_shape_dhw[2]]
-        on_input = preprocess.from_model_space(probabilities.numpy(), self.grid, interpolation="linear")
-        mask = postprocess_mask((on_input >= threshold).astype(np.uint8), largest_component, fill_holes)
+        mask, _, _ = mask_on_input(probabilities.numpy(), self.grid, threshold, largest_component, fill_holes)
         structure = parsed.structure if parsed is not None else None
         return LabelResult(
             reference=self.volume, segments=[Segment(text, structure, mask)],

@@ -17,7 +17,7 @@ from .errors import RefSAM3DError
 from .vocabulary import STRUCTURES
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v3"
-"""The bundled default model (``checkpoint.BUNDLED_MODEL_DIR``, named here too so that reading it needs no torch)."""
+"""The bundled default model; defined here, torch-free, so that the Slicer panel can read it (``checkpoint`` uses it too)."""
 
 
 @dataclass(frozen=True)

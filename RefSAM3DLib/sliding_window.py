@@ -57,16 +57,18 @@ def model_space_probabilities(model, image_dhw: np.ndarray, prompt_embeddings, d
 
     inputs = torch.from_numpy(np.ascontiguousarray(image_dhw, dtype=np.float32))[None, None]
     with torch.inference_mode():  # no autograd records at all (no_grad still tracks versions)
-        return sliding_window_inference(
-            inputs,
-            roi_size=(window, window, window),
-            sw_batch_size=windows_per_batch(device, window),
-            predictor=predict,
-            overlap=overlap,
-            mode="gaussian",
-            sw_device=device,
-            device=torch.device("cpu"),
-        )[0]
+        return blend_windows(inputs, window, predict, device, overlap, windows_per_batch(device, window))
+
+
+def blend_windows(inputs: torch.Tensor, window: int, predictor, device: torch.device, overlap: float,
+                  batch: int, with_coord: bool = False) -> torch.Tensor:
+    """MONAI's sliding window as the engine runs it: ``window``-cubes, Gaussian blending, windows on
+    ``device``, the blended ``(C, D, H, W)`` result on the CPU. ``inputs`` is ``(1, 1, D, H, W)``;
+    with ``with_coord`` the predictor also receives each window's slices."""
+    return sliding_window_inference(
+        inputs, roi_size=(window, window, window), sw_batch_size=batch, predictor=predictor, overlap=overlap,
+        mode="gaussian", sw_device=device, device=torch.device("cpu"), with_coord=with_coord,
+    )[0]
 
 
 class LabelMapComposer:
