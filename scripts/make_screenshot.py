@@ -109,10 +109,10 @@ def render_views(ct_path: Path, segmentation_path: Path) -> tuple[list[tuple[str
     red.set_slice_value(axial_ras[2])
     green.set_slice_value(coronal_ras[1])
     threed.fit_view_to_content()
-    threed.zoom(0.2)  # fit leaves room for the whole scene's bounds; the organs fill the view
 
-    model = nrrd_header_fields(segmentation_path).get("RefSAM3D_ModelName", "bundled model")
-    version = nrrd_header_fields(segmentation_path).get("RefSAM3D_ModelVersion", "")
+    header = nrrd_header_fields(segmentation_path)
+    model = header.get("RefSAM3D_ModelName", "bundled model")
+    version = header.get("RefSAM3D_ModelVersion", "")
     model_name = f"{model} {version}".strip()
     panels = [
         ("Red", f"Axial  S {axial_ras[2]:.0f} mm", capture(red)),
