@@ -69,7 +69,7 @@ def test_module_compiles_and_has_the_four_slicer_classes(tmp_path):
     logic = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "RefSAM3DLogic")
     process = next(node for node in logic.body if isinstance(node, ast.FunctionDef) and node.name == "process")
     arguments = [arg.arg for arg in process.args.args]
-    assert arguments[:6] == ["self", "inputVolumeNode", "prompts", "outputSegmentationNode", "device", "progressCallback"]
+    assert arguments[:6] == ["self", "inputVolumeNode", "prompts", "outputSegmentationNode", "options", "progressCallback"]
 
 
 def test_logic_never_touches_widgets():
