@@ -54,6 +54,7 @@ from RefSAM3DLib.cli_process import ChildProcess, SegmentationJob, library_envir
 from RefSAM3DLib.errors import Cancelled, RefSAM3DError  # noqa: E402
 from RefSAM3DLib.install_plan import InstallPlan, plan_for_this_python  # noqa: E402
 from RefSAM3DLib.model_info import model_summary  # noqa: E402
+from RefSAM3DLib.run_options import MAX_OVERLAP, RunOptions  # noqa: E402
 from RefSAM3DLib.vocabulary import parse_prompts  # noqa: E402
 
 LOW_GPU_MEMORY_GB = 4.0
@@ -97,7 +98,8 @@ else:
     except Exception as error:
         info["mps_error"] = f"{type(error).__name__}: {error}"
     try:
-        from RefSAM3DLib.inference import DEVICES
+        import RefSAM3DLib.inference  # the engine's own packages (MONAI, ...) load
+        from RefSAM3DLib.run_options import DEVICES
         info["engine_devices"] = list(DEVICES)
     except Exception as error:
         info["engine_error"] = f"{type(error).__name__}: {error}"
@@ -193,18 +195,20 @@ class RefSAM3DParameterNode:
     """The panel's state, saved with the scene.
 
     inputVolume / outputSegmentation: the volume to segment and where segments go (none: new node).
-    prompt: the structures, as typed. device: auto, cuda, mps or cpu. modelPath: a checkpoint
-    folder, empty for the bundled model. overlap, largestComponent, fillHoles: run options.
+    prompt: the structures, as typed. The run options (``RunOptions``, defaults from there):
+    device (auto, cuda, mps or cpu), modelPath (a checkpoint folder, empty for the bundled model),
+    overlap, threshold, largestComponent, fillHoles.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     prompt: str = ""
-    device: str = "auto"
+    device: str = RunOptions().device
     modelPath: str = ""
-    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
-    largestComponent: bool = False
-    fillHoles: bool = False
+    overlap: Annotated[float, WithinRange(0.0, MAX_OVERLAP)] = RunOptions().overlap
+    threshold: Annotated[float, WithinRange(0.01, 0.99)] = RunOptions().threshold
+    largestComponent: bool = RunOptions().largest_component
+    fillHoles: bool = RunOptions().fill_holes
 
 
 #
@@ -248,6 +252,13 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return RefSAM3DParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def runOptions(parameterNode) -> RunOptions:
+        """The run options the panel's parameter node holds (``RefSAM3DError`` for a bad value)."""
+        return RunOptions(device=parameterNode.device, overlap=parameterNode.overlap, threshold=parameterNode.threshold,
+                          model=parameterNode.modelPath, largest_component=parameterNode.largestComponent,
+                          fill_holes=parameterNode.fillHoles)
 
     def log(self, text: str) -> None:
         logging.info(text)
@@ -415,31 +426,27 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
                 warnings.append(_("This RefSAM3D version cannot run on the Apple GPU yet; it uses the CPU."))
         return text, "\n".join(warnings), devices
 
-    def startProcessing(self, inputVolumeNode, prompts, device="auto", overlap=0.25, model=None,
-                        largestComponent=False, fillHoles=False) -> RefSAM3DRun:
+    def startProcessing(self, inputVolumeNode, prompts, options=RunOptions()) -> RefSAM3DRun:
         """Write the input and start the worker; returns at once (poll the run, then ``finishProcessing``).
 
         ``prompts``: one text or a list of texts, read by the vocabulary (:meth:`readPrompts`).
-        The modality comes from the volume's DICOM series when Slicer loaded it from DICOM.
+        ``options``: a ``RunOptions`` (device, overlap, threshold, model, clean-up). The modality
+        comes from the volume's DICOM series when Slicer loaded it from DICOM.
         """
         parsed = self.readPrompts(prompts)
         volume = mrml.volume_from_node(inputVolumeNode)
         job = SegmentationJob(
             volume,
             [prompt.text for prompt in parsed],  # the vocabulary reads these back to the same prompts
+            options,
             python=self.pythonExecutable(),
             base_env=self.childBaseEnvironment(),
-            device=device,
-            overlap=float(overlap),
-            model=model or None,
-            largest_component=largestComponent,
-            fill_holes=fillHoles,
             temp_root=slicer.app.temporaryPath if hasattr(slicer, "app") else None,
         )
         names = ", ".join(prompt.structure.name if prompt.structure else f"'{prompt.text}'" for prompt in parsed)
-        self.log(_("Segmenting {volume} ({modality}): {names} (device {device}, overlap {overlap})").format(
+        self.log(_("Segmenting {volume} ({modality}): {names} (device {device}, overlap {overlap}, threshold {threshold})").format(
             volume=inputVolumeNode.GetName(), modality=volume.modality or _("modality guessed from intensities"),
-            names=names, device=device, overlap=overlap))
+            names=names, device=options.device, overlap=options.overlap, threshold=options.threshold))
         try:
             job.start()
         except Exception:
@@ -497,23 +504,18 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
         run.job.cancel()
         self.log(_("Cancelling ..."))
 
-    def process(self, inputVolumeNode, prompts, outputSegmentationNode=None, device="auto", progressCallback=None,
-                overlap=0.25, model=None, largestComponent=False, fillHoles=False):
+    def process(self, inputVolumeNode, prompts, outputSegmentationNode=None, options=RunOptions(), progressCallback=None):
         """Segment ``inputVolumeNode`` for ``prompts`` and return the segmentation node. Waits for the result.
 
         Works without a widget (Python console, batch scripts). While waiting it keeps Slicer's
         event loop turning when there is one. ``prompts``: one text or a list of texts, read as the
-        CLI reads them. Raises ``RefSAM3DError`` with a readable message on failure.
+        CLI reads them; ``options``: a ``RunOptions``. Raises ``RefSAM3DError`` with a readable
+        message on failure.
         """
-        run = self.startProcessing(inputVolumeNode, prompts, device=device, overlap=overlap, model=model,
-                                   largestComponent=largestComponent, fillHoles=fillHoles)
+        run = self.startProcessing(inputVolumeNode, prompts, options)
         try:
-            while not run.finished:
-                self.handleEvents(run, run.job.poll(), progressCallback)
-                if hasattr(slicer, "app"):
-                    slicer.app.processEvents()
-                time.sleep(0.05)
-            self.handleEvents(run, run.job.poll(), progressCallback)
+            run.job.wait(lambda event: self.handleEvents(run, [event], progressCallback),
+                         between=slicer.app.processEvents if hasattr(slicer, "app") else None)
         except BaseException:
             run.job.close()
             raise
@@ -791,15 +793,8 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         prompt = self.ui.promptTextEdit.toPlainText()
         qt.QSettings().setValue("RefSAM3D/LastPrompt", prompt)
         self._outputSegmentationNode = outputNode
-        self._run = self.logic.startProcessing(
-            self.ui.inputVolumeSelector.currentNode(),
-            prompt,
-            device=self.ui.deviceComboBox.currentData or "auto",
-            overlap=self.ui.overlapSpinBox.value,
-            model=self.ui.modelPathLineEdit.currentPath.strip() or None,
-            largestComponent=self.ui.largestComponentCheckBox.checked,
-            fillHoles=self.ui.fillHolesCheckBox.checked,
-        )
+        self._run = self.logic.startProcessing(self.ui.inputVolumeSelector.currentNode(), prompt,
+                                               self.logic.runOptions(self._parameterNode))
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = _("Starting the worker ...")

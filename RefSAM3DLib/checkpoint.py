@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import __version__, weights
 from .errors import RefSAM3DError
-from .model_info import BUNDLED_MODEL_DIR
+from .model_info import model_folder
 from .model import ModelConfig, RefSAM3D, build_model, get_config
 from .model.text_encoder_cache import (CACHE_FILE as TEXT_EMBEDDINGS_FILE, PrecomputedTextEncoder, encoder_identity,
                                        read_text_embeddings, vocabulary_phrases, write_text_embeddings)
@@ -557,25 +557,15 @@ def load_model(
     """Load a RefSAM3D checkpoint directory, verified, in eval mode.
 
     Args:
-        name_or_path: a checkpoint directory; None or ``"default"`` is the bundled model
-            ``RefSAM3DLib/models/refsam3d-small-v3``.
+        name_or_path: a checkpoint directory, a bundled model's name, or None / ``"default"``
+            for the bundled default (``model_info.model_folder``).
         device: torch device for the model.
         sam_checkpoint / clip_checkpoint / text_encoder: as in ``build_untrained``.
 
     Returns:
         RefSAM3D with ``model.metadata`` (the checkpoint's metadata) and ``model.checkpoint_dir``.
     """
-    if name_or_path in (None, "default"):
-        directory = BUNDLED_MODEL_DIR
-        if not (directory / CONFIG_FILE).is_file():
-            raise RefSAM3DError(
-                f"The bundled model {directory.name} is missing from this installation; train one with "
-                "'refsam3d train' or pass a model folder (an untrained network: RefSAM3DLib.checkpoint.build_untrained)."
-            )
-    else:
-        directory = Path(name_or_path)
-        if not directory.is_dir():
-            raise RefSAM3DError(f"Model folder {directory} does not exist; give a folder with config.json and model.safetensors.")
+    directory = model_folder(name_or_path)
     # Order matters: the record's types, the config's types and ranges, the weights' hash, then
     # their shapes against the config, all before anything is allocated or built.
     record = read_checkpoint_record(directory)

@@ -12,8 +12,10 @@ import sys
 import traceback
 from pathlib import Path
 
+from .cli_process import done_line, error_line, progress_line, run_as_worker, sigterm_as_exit
 from .errors import Cancelled, RefSAM3DError
 from .io import LABELMAP_SUFFIXES, SEG_NRRD_SUFFIX, VOLUME_SUFFIXES
+from .run_options import RunOptions, add_cli_arguments
 
 SEGMENT_EPILOG = """examples:
   refsam3d segment ct.nii.gz --prompt "perform liver segmentation" --output liver.nii.gz
@@ -71,24 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--output", "-o", required=True, help="output file (.nii.gz, .seg.nrrd) or folder")
     seg.add_argument("--format", choices=["nii.gz", "seg.nrrd"], default="nii.gz", help="file type when --output is a folder")
     seg.add_argument("--overlay", help="PNG overlay file (single input) or folder (batch)")
-    seg.add_argument("--model", default=None, help="bundled model name or checkpoint folder (default: bundled)")
-    seg.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    seg.add_argument("--modality", choices=["CT", "MR"], help="input modality (default: guessed from intensities)")
+    add_cli_arguments(seg)
+    seg.add_argument("--modality", choices=["CT", "MR"],
+                     help="input modality (default: the DICOM tag, else CT for Hounsfield units, else MR)")
     seg.add_argument("--frame", type=int, help="frame to use from a 4D image")
     seg.add_argument("--series-uid", help="series to use from a DICOM folder holding several")
-    seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 0.9] (default 0.25)")
-    seg.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
-    seg.add_argument("--fill-holes", action="store_true", help="fill enclosed holes")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <fraction> <message>' lines (for Slicer)")
     seg.add_argument("--worker-folder", help=argparse.SUPPRESS)  # run as SegmentationJob's child (cli_process.run_as_worker)
 
     evaluate = commands.add_parser("evaluate", help="Dice, NSD and HD95 of a model on labelled cases")
-    evaluate.add_argument("--model", default=None, help="bundled model name or checkpoint folder")
+    add_cli_arguments(evaluate)
     evaluate.add_argument("--data", required=True, help="folder of *_image/*_label pairs with labelmaps.json, or an MSD dataset.json")
     evaluate.add_argument("--output", required=True, help="report folder")
     evaluate.add_argument("--cases", nargs="*", help="only these case names")
-    evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     evaluate.add_argument("--modality", choices=["CT", "MR"], help="modality of cases that do not state one")
 
@@ -129,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         args.training_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .cli_process import run_as_worker, sigterm_as_exit
 
     try:
         if getattr(args, "worker_folder", None):
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except RefSAM3DError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"refsam3d: error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("refsam3d: interrupted", file=sys.stderr)
@@ -236,7 +233,7 @@ class ProgressReporter:
 
     def __call__(self, fraction: float, message: str) -> None:
         if self.machine_lines:
-            print(f"PROGRESS {fraction:.4f} {message}", flush=True)
+            print(progress_line(fraction, message), flush=True)
         else:
             self.bar.n = int(fraction * 1000)
             self.bar.set_postfix_str(message, refresh=True)
@@ -248,19 +245,18 @@ class ProgressReporter:
 
 def run_segment(args) -> int:
     from . import io
-    from .checkpoint import load_model
-    from .inference import check_overlap, resolve_device, segment
+    from .inference import resolve_device, run_model, segment
     from . import preprocess
     from .interactive import InteractiveSession, spatial_prompts_on_grid
 
-    check_overlap(args.overlap)
+    options = RunOptions.from_cli_args(args)
     spatial = spatial_prompts(args)
     inputs = expand_inputs(args.inputs)
     if spatial is not None and len(inputs) > 1:
         raise RefSAM3DError("Points and boxes are places in ONE volume; give one input with --point/--box.")
     plan = plan_outputs(inputs, args.output, args.format, args.overlay, args.overwrite)
-    device = resolve_device(args.device)
-    if device.type == "cpu" and args.device == "auto" and not args.progress_lines:
+    device = resolve_device(options.device)
+    if device.type == "cpu" and options.device == "auto" and not args.progress_lines:
         print("refsam3d: no CUDA GPU found, running on the CPU", file=sys.stderr)
     model = None  # loaded once, after the first input proved readable: bad input fails fast
 
@@ -282,22 +278,20 @@ def run_segment(args) -> int:
         if args.worker_folder and input_path.parent.resolve() == Path(args.worker_folder).resolve():
             input_path.unlink(missing_ok=True)  # the job's copy of the scan: no longer needed on disk
         if model is None:
-            model = load_model(args.model, device=str(device))  # a bad model stops the whole batch
+            model = run_model(options)  # a bad model stops the whole batch
         reporter = ProgressReporter(args.progress_lines, input_path.name)
         try:
-            options = dict(largest_component=args.largest_component, fill_holes=args.fill_holes)
             if spatial is not None:  # a point off the volume is refused before the encoding
                 spatial_prompts_on_grid(volume, preprocess.model_grid(volume, model.config.spacing_mm).model,
                                         spatial["points_ras"], spatial["box_ras"])
                 reporter(0.0, "Encoding the volume")
-                session = InteractiveSession(volume, model=model, device=str(device), overlap=args.overlap)
-                result = session.segment(args.prompt[0] if args.prompt else None, **spatial, **options)
+                session = InteractiveSession(volume, model=model, options=options)
+                result = session.segment(args.prompt[0] if args.prompt else None, **spatial)
                 result.elapsed_s += session.encode_s
                 reporter(1.0, "Done")
             else:
                 result = segment(volume, "\n".join(args.prompt),  # every --prompt a line of one text: a repeat collapses
-                                 model=model, device=str(device), overlap=args.overlap,
-                                 progress=reporter, **options)
+                                 model=model, options=options, progress=reporter)
             write_outputs(result, output_path, png, args.overwrite)
         except (RefSAM3DError, OSError) as error:
             if isinstance(error, Cancelled):
@@ -311,7 +305,7 @@ def run_segment(args) -> int:
         summary.append((input_path, output_path, result.elapsed_s))
         print_volumes(result, output_path, quiet=args.progress_lines)
         if args.progress_lines:
-            print(f"DONE {output_path}", flush=True)
+            print(done_line(output_path), flush=True)
 
     if len(inputs) > 1:
         print(f"\n{len(summary)} of {len(inputs)} volumes segmented, {len(failures)} failed.")
@@ -390,11 +384,10 @@ def run_evaluate(args) -> int:
     from .evaluation import evaluate_command
 
     report = evaluate_command(
-        model=args.model,
         data=args.data,
         output_dir=args.output,
+        options=RunOptions.from_cli_args(args),
         case_names=args.cases,
-        device=args.device,
         tolerance_mm=args.tolerance_mm,
         modality=args.modality,
     )

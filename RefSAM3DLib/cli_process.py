@@ -1,10 +1,13 @@
 """Run ``refsam3d segment`` in a child process, so that a GUI (3D Slicer) never freezes.
 
-The child is the library's own CLI run by the caller's Python (Slicer's ``PythonSlicer``). It
-prints ``PROGRESS <fraction> <message>`` lines and a final ``DONE <path>`` line on stdout; errors
-end it with a non-zero status and a one-line message on stderr. Two reader threads put every line
-into a queue; the caller either drains it from a GUI timer (:meth:`SegmentationJob.poll`) or
-blocks on it (:meth:`SegmentationJob.wait`, batch scripts). Cancel ends the whole process tree.
+The child is the library's own CLI run by the caller's Python (Slicer's ``PythonSlicer``), with
+the run's :class:`~RefSAM3DLib.run_options.RunOptions` on its command line. It prints
+``PROGRESS <fraction> <message>`` lines and a ``DONE <path>`` line per output on stdout; errors
+end it with a non-zero status and a one-line message on stderr (the protocol: :func:`progress_line`,
+:func:`done_line`, :func:`error_line` and their readers :func:`parse_line`, :func:`error_message`).
+Two reader threads put every line into a queue; the caller drains it with
+:meth:`SegmentationJob.poll` (from a GUI timer) or :meth:`SegmentationJob.wait` (which polls until
+the end: batch scripts, Slicer's ``Logic.process``). Cancel ends the whole process tree.
 Temporary files live in one folder that :meth:`SegmentationJob.close` removes in every outcome.
 
 The child's half (:func:`run_as_worker`, ``refsam3d segment --worker-folder``) makes sure that a
@@ -33,13 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import Cancelled, RefSAM3DError
+from .run_options import RunOptions
 from .volume import Volume
 
 if TYPE_CHECKING:
     from .result import LabelResult
 
-PROGRESS_PREFIX = "PROGRESS "
-DONE_PREFIX = "DONE "
 LIBRARY_PARENT = Path(__file__).resolve().parent.parent
 """The folder holding the ``RefSAM3DLib`` package; the child needs it on ``PYTHONPATH``."""
 
@@ -47,6 +49,29 @@ _TERMINATE_GRACE_S = 3.0
 TEMP_PREFIX = "refsam3d-"
 _ORPHAN_GRACE_S = 10.0
 """How long an orphaned worker waits for its main thread (inside one long torch call) to stop."""
+
+
+# The worker's line protocol: both ends (``refsam3d segment --progress-lines`` writes, the
+# readers below parse) use these functions only.
+
+PROGRESS_PREFIX = "PROGRESS "
+DONE_PREFIX = "DONE "
+ERROR_PREFIX = "refsam3d: error: "
+
+
+def progress_line(fraction: float, message: str) -> str:
+    """stdout: how far the run is (``fraction`` in [0, 1])."""
+    return f"{PROGRESS_PREFIX}{fraction:.4f} {message}"
+
+
+def done_line(output_path) -> str:
+    """stdout: one output file is complete."""
+    return f"{DONE_PREFIX}{output_path}"
+
+
+def error_line(message) -> str:
+    """stderr, last line of a failed run: the one-line message a user reads."""
+    return f"{ERROR_PREFIX}{message}"
 
 
 @dataclass(frozen=True)
@@ -66,7 +91,7 @@ class Event:
 
 
 def parse_line(line: str, from_stderr: bool = False) -> Event:
-    """Classify one output line of ``refsam3d segment --progress-lines``."""
+    """Classify one output line of the child (:func:`progress_line`, :func:`done_line`, others)."""
     line = line.rstrip("\r\n")
     if from_stderr:
         return Event("error_log", line)
@@ -80,6 +105,12 @@ def parse_line(line: str, from_stderr: bool = False) -> Event:
     if line.startswith(DONE_PREFIX):
         return Event("done", line[len(DONE_PREFIX):])
     return Event("log", line)
+
+
+def error_message(stderr_lines: list[str]) -> str:
+    """The failed child's message: its last non-empty stderr line (:func:`error_line`) without the prefix."""
+    message = next((line for line in reversed(stderr_lines) if line.strip()), "")
+    return message.removeprefix(ERROR_PREFIX).strip()
 
 
 def library_environment(base_env: dict | None = None) -> dict:
@@ -97,18 +128,15 @@ def segment_command(
     input_path: str | Path,
     prompts: list[str],
     output_path: str | Path,
+    options: RunOptions,
     python: str | None = None,
-    device: str = "auto",
-    overlap: float = 0.25,
-    model: str | None = None,
     modality: str | None = None,
-    largest_component: bool = False,
-    fill_holes: bool = False,
     worker_folder: str | Path | None = None,
 ) -> list[str]:
     """The ``python -m RefSAM3DLib.cli segment ...`` command line for one volume.
 
-    ``worker_folder``: the temporary folder the child cleans up itself (see :func:`run_as_worker`).
+    ``modality``: the volume's own, when known. ``worker_folder``: the temporary folder the child
+    cleans up itself (see :func:`run_as_worker`).
     """
     if not prompts or not any(p.strip() for p in prompts):
         raise RefSAM3DError("No prompt given: type at least one structure name, e.g. 'liver'.")
@@ -118,15 +146,9 @@ def segment_command(
     for prompt in prompts:
         if prompt.strip():
             command.append(f"--prompt={prompt.strip()}")
-    command += [f"--output={output_path}", f"--device={device}", f"--overlap={overlap}", "--progress-lines"]
-    if model:
-        command.append(f"--model={model}")
+    command += [f"--output={output_path}", *options.to_cli_args(), "--progress-lines"]
     if modality:
         command.append(f"--modality={modality}")
-    if largest_component:
-        command.append("--largest-component")
-    if fill_holes:
-        command.append("--fill-holes")
     if worker_folder:
         command.append(f"--worker-folder={worker_folder}")
     return command
@@ -337,25 +359,23 @@ class ChildProcess:
 class SegmentationJob:
     """Segment one :class:`Volume` with ``refsam3d segment`` in a child process.
 
-    Usage (batch)::
+    Usage::
 
-        with SegmentationJob(volume, ["liver", "spleen"]) as job:
+        with SegmentationJob(volume, ["liver", "spleen"], RunOptions(device="cpu")) as job:
             job.start()
-            result = job.wait(progress=lambda fraction, message: print(fraction, message))
+            job.wait(on_event=lambda event: print(event.kind, event.fraction, event.text))
+            result = job.result()
 
-    From a GUI: ``start()``, then call ``poll()`` from a timer until ``finished``, then ``result()``,
-    and ``close()`` in every case (``cancel()`` to stop early).
+    From a GUI timer: ``start()``, then ``poll()`` until ``finished``; ``wait(between=...)`` keeps
+    an event loop turning instead. Then ``result()`` (or ``output_file()``), and ``close()`` in
+    every case (``cancel()`` to stop early).
 
     Args:
         volume: the input; written to a temporary NRRD file (world geometry, original voxels).
         prompts: one or more texts; each becomes one ``--prompt``.
+        options: the run's :class:`RunOptions`.
         python: the interpreter that runs the CLI (default: this one). In Slicer: ``PythonSlicer``.
         base_env: environment to start from (default: ``os.environ``). In Slicer: its startup environment.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        overlap: sliding-window overlap in [0, 0.9]; higher is slower and smoother.
-        model: bundled model name or checkpoint folder; ``None`` for the bundled default.
-        largest_component: keep each structure's largest connected component.
-        fill_holes: fill enclosed holes in each structure.
         temp_root: where the temporary folder goes (default: the system's).
     """
 
@@ -363,24 +383,16 @@ class SegmentationJob:
         self,
         volume: Volume,
         prompts: list[str],
+        options: RunOptions = RunOptions(),
         python: str | None = None,
         base_env: dict | None = None,
-        device: str = "auto",
-        overlap: float = 0.25,
-        model: str | None = None,
-        largest_component: bool = False,
-        fill_holes: bool = False,
         temp_root: str | Path | None = None,
     ):
         self.volume = volume
         self.prompts = [p.strip() for p in prompts if p.strip()]
+        self.options = options
         self.python = python
         self.base_env = base_env
-        self.device = device
-        self.overlap = overlap
-        self.model = model
-        self.largest_component = largest_component
-        self.fill_holes = fill_holes
         self.temp_root = temp_root
         self.temp_dir: Path | None = None
         self.output_path: Path | None = None
@@ -401,19 +413,8 @@ class SegmentationJob:
         self.temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.temp_root))
         input_path = self.temp_dir / "input.nrrd"
         self.output_path = self.temp_dir / "result.seg.nrrd"
-        command = segment_command(
-            input_path,
-            self.prompts,
-            self.output_path,
-            python=self.python,
-            device=self.device,
-            overlap=self.overlap,
-            model=self.model,
-            modality=self.volume.modality,
-            largest_component=self.largest_component,
-            fill_holes=self.fill_holes,
-            worker_folder=self.temp_dir,
-        )
+        command = segment_command(input_path, self.prompts, self.output_path, self.options, python=self.python,
+                                  modality=self.volume.modality, worker_folder=self.temp_dir)
         # Uncompressed: the file lives for seconds (the child deletes it once read) and compression
         # would cost more than the write.
         sitk.WriteImage(sitk_from_volume(self.volume), str(input_path), False)
@@ -430,17 +431,19 @@ class SegmentationJob:
         self.log_lines.extend(e.text for e in events if e.kind in ("log", "error_log"))
         return events
 
-    def wait(self, progress=None) -> LabelResult:
-        """Block until the child ends, calling ``progress(fraction, message)``; returns the result."""
-
-        def on_event(event: Event) -> None:
-            if event.kind in ("log", "error_log"):
-                self.log_lines.append(event.text)
-            elif event.kind == "progress" and progress is not None:
-                progress(event.fraction, event.text)
-
-        self.process.wait(on_event)
-        return self.result()
+    def wait(self, on_event=None, between=None, interval_s: float = 0.05) -> None:
+        """Block until the child ends, passing every event of :meth:`poll` to ``on_event``;
+        ``between()`` runs between polls (Slicer's ``processEvents``, so the GUI stays alive)."""
+        while True:
+            finished = self.finished  # read before the last poll: every line is queued by then
+            for event in self.poll():
+                if on_event is not None:
+                    on_event(event)
+            if finished:
+                return
+            if between is not None:
+                between()
+            time.sleep(interval_s)
 
     def cancel(self) -> None:
         if self.process is not None:
@@ -465,8 +468,7 @@ class SegmentationJob:
             raise Cancelled("Segmentation cancelled; nothing was changed.")
         status = self.process.returncode
         if status != 0 or not self.output_path.exists():
-            message = next((line for line in reversed(self.process.stderr_lines) if line.strip()), "")
-            message = message.removeprefix("refsam3d: error: ").strip()
+            message = error_message(self.process.stderr_lines)
             raise RefSAM3DError(message or f"The segmentation process stopped with exit status {status}; see the log.")
         return self.output_path
 

@@ -43,8 +43,8 @@ class Case:
         image_path: the image file.
         label_path: the label-map file (same grid as the image).
         structures: ``{label value: vocabulary key}`` of the values to train on.
-        modality: ``"CT"`` or ``"MR"``; ``None`` only where the caller allowed it (then guessed
-            when the image is read).
+        modality: ``"CT"`` or ``"MR"``; ``None`` only where the caller allowed it (then the engine
+            decides from the image: ``inference.decide_modality``).
         patient_id: the subject; cases sharing it are always on the same side of a split.
         fixed_split: ``"train"``/``"validation"`` when the dataset itself assigns one, else None.
         absent: vocabulary keys of structures certainly not in this image (trained as empty targets).
@@ -76,7 +76,7 @@ def load_cases(spec: dict, base_dir: Path | str = ".", require_modality: bool = 
             ``same_patient``, ``absent`` (structures certainly not in these images).
         base_dir: folder that relative paths in ``spec`` are resolved against.
         require_modality: refuse a case whose modality neither the spec nor its JSON states
-            (training must know it; evaluation guesses it from the image).
+            (training must know it; evaluation lets the engine decide from the image).
     Returns:
         the cases, sorted by case id.
     """
@@ -241,7 +241,7 @@ def cases_from_path(data: Path | str) -> list[Case]:
     """The cases of ``refsam3d evaluate --data``: an MSD ``dataset.json`` (or a folder holding
     one), or a folder of ``*_image``/``*_label`` pairs with a ``labelmaps.json`` in it or in its
     parent (``../shared/data`` keeps one above its dataset folders). Labels outside the vocabulary
-    are left out (no prompt names them); a modality no JSON states is guessed when reading."""
+    are left out (no prompt names them); a modality no JSON states is decided from the image by the engine."""
     data = Path(data)
     if data.is_dir() and (data / "dataset.json").is_file() and not (data / "labelmaps.json").is_file():
         data = data / "dataset.json"

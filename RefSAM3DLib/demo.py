@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 from . import io
-from .checkpoint import load_model
 from .errors import RefSAM3DError
 from .evaluation import case_metrics
-from .inference import model_name, model_version, segment
+from .inference import model_name, model_version, run_model, segment
 from .overlay import write_overlay_png
+from .run_options import RunOptions
 from .volume import Volume
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     try:
-        model = load_model(None, device="cpu")
+        options = RunOptions(device=args.device)
+        model = run_model(options)
         volume = io.read_volume(SAMPLE_CT, modality="CT")
         print(f"Segmenting {SAMPLE_CT.name} {volume.shape_kji[::-1]} voxels with {model_name(model)} {model_version(model)} ...")
-        result = segment(volume, PROMPTS, model=model, device=args.device)
+        result = segment(volume, PROMPTS, model=model, options=options)
         paths = [output / "ts_example_ct.nii.gz", output / "ts_example_ct.seg.nrrd", output / "ts_example_ct.png"]
         io.write_result(result, paths[0], overwrite=True)
         io.write_result(result, paths[1], overwrite=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .datasets import Case, cases_from_path
 from .errors import RefSAM3DError
+from .run_options import RunOptions
 
 EMPTY_MASK_POLICY = (
     "Empty masks follow MONAI's documented behaviour: Dice (compute_dice, ignore_empty=False) is 1 "
@@ -99,8 +100,8 @@ def _find_segment(result, key: str, prompt: str) -> int | None:
     return None
 
 
-def evaluate(model_name_or_path, dataset_cases: Iterable[Case], output_dir,
-             prompts_by_structure: dict[str, str] | None = None, device: str = "auto",
+def evaluate(model, dataset_cases: Iterable[Case], output_dir,
+             prompts_by_structure: dict[str, str] | None = None, options: RunOptions = RunOptions(),
              progress: Callable[[float, str], None] | None = None, tolerance_mm: float = 2.0,
              worst_cases: int = 3) -> list[dict]:
     """Segment every case, score every labelled structure, write the report and worst-case overlays.
@@ -109,12 +110,11 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[Case], output_dir,
     is scored (each voxel belongs to the most probable prompt), as ``refsam3d segment`` writes it.
 
     Args:
-        model_name_or_path: a loaded RefSAM3D model, a bundled model name, a checkpoint folder,
-            or ``None`` for the default model.
+        model: a loaded RefSAM3D model, or ``None`` for ``options.model``.
         dataset_cases: the cases (:class:`RefSAM3DLib.datasets.Case`).
         output_dir: report folder (``report.csv``, ``report.md``, ``worst_*.png``).
         prompts_by_structure: structure key -> prompt text; default the structure's name.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        options: the segmentation runs' options (device, overlap, threshold, clean-up).
         progress: called with (fraction in [0, 1], message).
         tolerance_mm: NSD tolerance.
         worst_cases: how many cases (lowest mean Dice) get overlay PNGs.
@@ -122,7 +122,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[Case], output_dir,
     Returns:
         The report rows (one per case and structure, columns ``CSV_COLUMNS``).
     """
-    from .inference import model_name, model_version, segment
+    from .inference import model_name, model_version, run_model, segment
     from .io import read_volume
     from .overlay import write_overlay_png
     from .result import LabelResult, Segment
@@ -131,7 +131,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[Case], output_dir,
     cases = list(dataset_cases)
     if not cases:
         raise RefSAM3DError("No cases to evaluate; check --data (and --cases).")
-    model = _load(model_name_or_path, device)
+    model = run_model(options, model)
     model_label = f"{model_name(model)} {model_version(model)}"
     prompts_by_structure = dict(prompts_by_structure or {})
     output_dir = Path(output_dir)
@@ -147,7 +147,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[Case], output_dir,
         if label.shape_kji != image.shape_kji or not np.allclose(label.ijk_to_ras, image.ijk_to_ras, atol=1e-3):
             raise RefSAM3DError(f"{case.case_id}: the label's grid differs from the image's; labels must lie on the image grid.")
         prompts = {key: prompts_by_structure.get(key, default_prompt(key)) for key in case.structures.values()}
-        result = segment(image, list(prompts.values()), model=model, device=device)
+        result = segment(image, list(prompts.values()), model=model, options=options)
         spacing_kji = image.spacing_mm[::-1]
         reference_segments = []
         case_rows = []
@@ -160,7 +160,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[Case], output_dir,
             structure = lookup(key)
             case_rows.append({
                 "case": case.case_id, "structure": key, "name": structure.name if structure else key,
-                "modality": image.modality or "MR", **metrics,
+                "modality": result.reference.modality, **metrics,
                 "reference_ml": float(reference.sum()) * image.voxel_volume_ml,
                 "predicted_ml": float(np.count_nonzero(mask)) * image.voxel_volume_ml, "prompt": prompts[key],
             })
@@ -181,16 +181,7 @@ def evaluate(model_name_or_path, dataset_cases: Iterable[Case], output_dir,
     return rows
 
 
-def _load(model_name_or_path, device: str):
-    if model_name_or_path is not None and not isinstance(model_name_or_path, (str, Path)):
-        return model_name_or_path
-    from .checkpoint import load_model
-    from .inference import resolve_device
-
-    return load_model(model_name_or_path, device=str(resolve_device(device)))
-
-
-def evaluate_command(model, data, output_dir, case_names: Sequence[str] | None = None, device: str = "auto",
+def evaluate_command(data, output_dir, options: RunOptions = RunOptions(), case_names: Sequence[str] | None = None,
                      tolerance_mm: float = 2.0, modality: str | None = None) -> Path:
     """``refsam3d evaluate``: returns the path of ``report.md``.
 
@@ -203,7 +194,7 @@ def evaluate_command(model, data, output_dir, case_names: Sequence[str] | None =
         if missing:
             raise RefSAM3DError(f"Unknown case(s) {', '.join(missing)}; the data holds {', '.join(c.case_id for c in cases)}.")
         cases = [c for c in cases if c.case_id in set(case_names)]
-    evaluate(model, cases, output_dir, device=device, tolerance_mm=tolerance_mm)
+    evaluate(None, cases, output_dir, options=options, tolerance_mm=tolerance_mm)
     return Path(output_dir) / "report.md"
 
 

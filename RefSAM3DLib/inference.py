@@ -13,8 +13,8 @@ The 3D version of SAM's "encode once, prompt many" contract:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,8 +24,9 @@ import torch
 
 from . import preprocess
 from .errors import Cancelled, RefSAM3DError
-from .io import available_memory_bytes, guess_modality
+from .io import available_memory_bytes
 from .result import LabelResult, Segment
+from .run_options import RunOptions, check_device
 from .sliding_window import LabelMapComposer, model_space_probabilities
 from .vocabulary import Prompt, parse_prompts
 from .volume import Volume
@@ -33,18 +34,13 @@ from .volume import Volume
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for a GPU without one is an error, not a fallback.
 
     Apple's MPS runs only when asked for by name: no MPS run of this engine has been checked yet,
     so ``auto`` never picks it.
     """
-    name = (device or "auto").lower()
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise RefSAM3DError(f"Unknown device {device!r}: use one of auto, cpu, cuda (or cuda:N), mps.")
+    name = check_device(device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -98,19 +94,6 @@ def count_windows(shape_dhw: Sequence[int], window_size_vox: int, overlap: float
     return total
 
 
-MAX_OVERLAP = 0.9
-"""Beyond this the window count explodes for no visible gain: the stride shrinks to a few voxels
-(0.99 turns the 27 windows of a 170-voxel cube at 0.25 into 421,875)."""
-
-
-def check_overlap(overlap: float) -> None:
-    if not 0.0 <= overlap <= MAX_OVERLAP:  # NaN fails too
-        raise RefSAM3DError(
-            f"Window overlap {overlap} is outside 0 to {MAX_OVERLAP}: near 1 the windows multiply "
-            "without end (0.99: hundreds of thousands); use 0.25 (default) to 0.5."
-        )
-
-
 def check_memory(volume: Volume, model_shape_dhw: Sequence[int], n_prompts: int) -> None:
     """Refuse up front, before the resampling allocates, a run whose arrays cannot fit.
 
@@ -132,13 +115,36 @@ def check_memory(volume: Volume, model_shape_dhw: Sequence[int], n_prompts: int)
         )
 
 
-def input_modality(volume: Volume) -> tuple[str, list[str]]:
-    """The modality a volume is preprocessed as: its own, else guessed from its intensities (MR
-    when no guess is possible), with the warning a guess deserves."""
+def guess_modality(array: np.ndarray) -> str | None:
+    """``"CT"`` when the voxel values look like Hounsfield units, else ``None``.
+
+    The heuristic: the minimum lies in [-3100, -500] (air is -1000 HU; scanners pad outside the
+    field of view with -1024, -2048 or -3024) and the 99th percentile is at most 4000 (bone and
+    contrast stay below that). MR and PET values are rarely negative at all, so an MR is almost
+    never taken for a CT.
+    """
+    minimum = float(array.min())
+    if not -3100.0 <= minimum <= -500.0:
+        return None
+    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
+    return "CT" if float(np.percentile(sample, 99)) <= 4000.0 else None
+
+
+def decide_modality(volume: Volume) -> tuple[Volume, list[str]]:
+    """The volume as a run treats it: with its stated modality (``--modality``, the DICOM tag,
+    Slicer's DICOM record), else CT when its values look like Hounsfield units, else MR with a
+    warning; the one decision, so the result's ``reference.modality`` says what was used.
+
+    MR is the default because its intensity scaling (percentiles) fits any value range, while the
+    CT window would clip values that are not Hounsfield units to nothing. Only the default warns:
+    Hounsfield values are strong evidence (an MR almost never has them), their absence is none.
+    """
     if volume.modality is not None:
-        return volume.modality, []
+        return volume, []
     modality = guess_modality(volume.array) or "MR"
-    return modality, [f"Modality not given; treated as {modality} from its intensities (pass --modality to choose)."]
+    warnings = [] if modality == "CT" else [
+        "Modality not given; treated as MR from its intensities (pass --modality to choose)."]
+    return dataclasses.replace(volume, modality=modality), warnings
 
 
 def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
@@ -161,8 +167,7 @@ def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool
     return mask
 
 
-def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, threshold: float,
-                  largest_component: bool = False, fill_holes: bool = False):
+def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, options: RunOptions):
     """One prompt's model-space probabilities -> its binary mask on the input grid.
 
     Resampled, thresholded and cleaned only inside the box where the probabilities can reach the
@@ -171,7 +176,7 @@ def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, threshold
     Args:
         channel_dhw: (D, H, W) float32 probabilities on ``grid.model``.
         grid: the ModelGrid of the run.
-        threshold, largest_component, fill_holes: as in :func:`segment`.
+        options: the run's threshold and clean-up.
 
     Returns:
         ``(mask, box, probabilities)``: uint8 (K, J, I) mask on the whole input grid; the box
@@ -179,11 +184,12 @@ def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, threshold
         probabilities inside it (None without a box).
     """
     mask = np.zeros(grid.input.shape_kji, dtype=np.uint8)
-    box = preprocess.input_box(channel_dhw >= threshold, grid)
+    box = preprocess.input_box(channel_dhw >= options.threshold, grid)
     if box is None:
         return mask, None, None
     on_input = preprocess.from_model_space(channel_dhw, grid, interpolation="linear", box=box)
-    mask[box] = postprocess_mask((on_input >= threshold).astype(np.uint8), largest_component, fill_holes)
+    mask[box] = postprocess_mask((on_input >= options.threshold).astype(np.uint8), options.largest_component,
+                                 options.fill_holes)
     return mask, box, on_input
 
 
@@ -191,11 +197,7 @@ def segment(
     volume: Volume,
     prompts: Sequence[str] | str,
     model=None,
-    device: str = "auto",
-    overlap: float = 0.25,
-    threshold: float = 0.5,
-    largest_component: bool = False,
-    fill_holes: bool = False,
+    options: RunOptions = RunOptions(),
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> LabelResult:
@@ -204,11 +206,8 @@ def segment(
     Args:
         volume: the input image (any orientation and spacing).
         prompts: free text; each string may name several structures ("liver, spleen").
-        model: a loaded ``RefSAM3D`` model, a model name/folder, or ``None`` for the bundled default.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        overlap: fraction of a window shared with its neighbours (0 to MAX_OVERLAP = 0.9).
-        threshold: probability above which a voxel belongs to the structure.
-        largest_component, fill_holes: optional clean-up of each structure.
+        model: a loaded ``RefSAM3D`` model (a batch loads it once), or ``None`` for ``options.model``.
+        options: device, overlap, threshold and clean-up of the run (:class:`RunOptions`).
         progress: called with (fraction in [0, 1], message).
         cancel: polled once per window; when it returns True the run stops with ``Cancelled``.
 
@@ -217,18 +216,17 @@ def segment(
     """
     started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
-    check_overlap(overlap)
     parsed, warnings = expand_prompts(prompts)
-    torch_device = resolve_device(device)
-    model = _as_model(model, torch_device)
+    torch_device = resolve_device(options.device)
+    model = run_model(options, model)
     config = model.config
     warnings.extend(untrained_structure_warnings(model, parsed))
 
-    modality, modality_warnings = input_modality(volume)
+    volume, modality_warnings = decide_modality(volume)
     warnings.extend(modality_warnings)
 
     report(0.0, "Preparing the volume")
-    intensity = preprocess.IntensitySettings.from_config(config, modality)
+    intensity = preprocess.IntensitySettings.from_config(config, volume.modality)
     check_memory(volume, preprocess.model_grid(volume, config.spacing_mm).shape_dhw, len(parsed))
     image_dhw, grid = preprocess.to_model_space(volume, config.spacing_mm, intensity)
 
@@ -238,14 +236,15 @@ def segment(
     with torch.no_grad():
         prompt_embeddings = model.encode_prompts(texts)
 
-    total_windows = count_windows(image_dhw.shape, config.window_size_vox, overlap)
+    total_windows = count_windows(image_dhw.shape, config.window_size_vox, options.overlap)
 
     def on_window(done: int) -> None:
         if cancel is not None and cancel():
             raise Cancelled("Segmentation cancelled; nothing was written.")
         report(0.05 + 0.85 * done / total_windows, f"Window {done}/{total_windows}")
 
-    probabilities = model_space_probabilities(model, image_dhw, prompt_embeddings, torch_device, overlap, on_window)
+    probabilities = model_space_probabilities(model, image_dhw, prompt_embeddings, torch_device, options.overlap,
+                                              on_window)
 
     segments = []
     label_map = LabelMapComposer(volume.shape_kji, len(parsed))
@@ -253,7 +252,7 @@ def segment(
         if cancel is not None and cancel():
             raise Cancelled("Segmentation cancelled; nothing was written.")
         report(0.9 + 0.1 * index / len(parsed), f"Resampling '{prompt.text}' to the input grid")
-        mask, box, on_input = mask_on_input(probabilities[index].numpy(), grid, threshold, largest_component, fill_holes)
+        mask, box, on_input = mask_on_input(probabilities[index].numpy(), grid, options)
         if box is not None:
             label_map.add(index + 1, mask[box], on_input, box)
         del on_input
@@ -287,9 +286,13 @@ def model_version(model) -> str:
     return f"step {metadata['step']}" if "step" in metadata else "untrained"
 
 
-def _as_model(model, device: torch.device):
-    if model is None or isinstance(model, (str, os.PathLike)):
+def run_model(options: RunOptions, model=None):
+    """The model of a run, on its device, in eval mode: ``model`` when the caller has one loaded,
+    else ``options.model`` loaded (``None``: the bundled default; a name or folder as
+    ``model_info.model_folder`` reads it). Every entry point gets its model here."""
+    device = resolve_device(options.device)
+    if model is None:
         from .checkpoint import load_model
 
-        model = load_model(model, device=str(device))
+        model = load_model(options.model, device=device)
     return model.to(device).eval()

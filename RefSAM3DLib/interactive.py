@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from . import geometry, preprocess
 from .errors import RefSAM3DError
-from .inference import (_as_model, check_memory, check_overlap, count_windows, expand_prompts, input_modality,
-                        mask_on_input, model_name, model_version, resolve_device, untrained_structure_warnings)
+from .inference import (check_memory, count_windows, decide_modality, expand_prompts, mask_on_input, model_name,
+                        model_version, resolve_device, run_model, untrained_structure_warnings)
 from .io import available_memory_bytes
 from .model.prompt_encoder import NO_TEXT_PROMPT
 from .result import LabelResult, Segment
+from .run_options import RunOptions
 from .sliding_window import blend_windows, windows_per_batch
 from .volume import Volume
 
@@ -75,29 +76,27 @@ class InteractiveSession:
 
     Args:
         volume: the input image (any orientation and spacing).
-        model: a loaded RefSAM3D, a model name/folder, or None for the bundled default.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        overlap: sliding-window overlap (0 to 0.9), as in ``segment``.
+        model: a loaded RefSAM3D, or None for ``options.model``.
+        options: the run's options, as in ``inference.segment``; every answer uses its threshold
+            and clean-up.
 
     Memory: the cache holds each window's ImageFeatures on ``device`` (small config: ~45 MB per 96^3
     window; vit_b: ~170 MB per 128^3 window), checked against the free memory before encoding.
     """
 
-    def __init__(self, volume: Volume, model=None, device: str = "auto", overlap: float = 0.25) -> None:
-        check_overlap(overlap)
+    def __init__(self, volume: Volume, model=None, options: RunOptions = RunOptions()) -> None:
         started = time.perf_counter()
-        self.device = resolve_device(device)
-        self.model = _as_model(model, self.device)
-        self.volume = volume
-        self.overlap = overlap
+        self.device = resolve_device(options.device)
+        self.model = run_model(options, model)
+        self.volume, self.warnings = decide_modality(volume)
+        self.options = options
         config = self.model.config
         self.window = int(config.window_size_vox)
-        modality, self.warnings = input_modality(volume)
         model_shape = preprocess.model_grid(volume, config.spacing_mm).shape_dhw
         check_memory(volume, model_shape, 1)
-        check_cache_memory(model_shape, config, overlap, self.device)
+        check_cache_memory(model_shape, config, options.overlap, self.device)
         image_dhw, self.grid = preprocess.to_model_space(
-            volume, config.spacing_mm, preprocess.IntensitySettings.from_config(config, modality))
+            self.volume, config.spacing_mm, preprocess.IntensitySettings.from_config(config, self.volume.modality))
         padded, self.pad_before = pad_to_window(image_dhw, self.window)
         self.model_shape_dhw = image_dhw.shape
         self._image = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[None, None]
@@ -108,7 +107,8 @@ class InteractiveSession:
     def _sliding(self, predictor, batch: int) -> torch.Tensor:
         """MONAI's sliding window over the padded model-space image, with the engine's blending."""
         with torch.no_grad():
-            return blend_windows(self._image, self.window, predictor, self.device, self.overlap, batch, with_coord=True)
+            return blend_windows(self._image, self.window, predictor, self.device, self.options.overlap, batch,
+                                 with_coord=True)
 
     def _encode_all_windows(self) -> None:
         def encode(windows: torch.Tensor, slices) -> torch.Tensor:
@@ -130,9 +130,6 @@ class InteractiveSession:
         points_ras: Sequence[Sequence[float]] = (),
         point_labels: Sequence[int] | None = None,
         box_ras: Sequence[float] | None = None,
-        threshold: float = 0.5,
-        largest_component: bool = False,
-        fill_holes: bool = False,
     ) -> LabelResult:
         """One structure from a text prompt, spatial prompts, or both, without re-encoding.
 
@@ -142,7 +139,6 @@ class InteractiveSession:
             points_ras: clicks ``(N, 3)`` in RAS mm.
             point_labels: ``(N,)`` 1 = inside the structure, 0 = not part of it; default all 1.
             box_ras: ``(R1, A1, S1, R2, A2, S2)``, two opposite corners in any order.
-            threshold, largest_component, fill_holes: as in ``inference.segment``.
 
         Returns:
             a LabelResult with one segment, its mask on the input volume's grid.
@@ -193,7 +189,7 @@ class InteractiveSession:
         d, h, w = self.pad_before
         probabilities = probabilities[d:d + self.model_shape_dhw[0], h:h + self.model_shape_dhw[1],
                                       w:w + self.model_shape_dhw[2]]
-        mask, _, _ = mask_on_input(probabilities.numpy(), self.grid, threshold, largest_component, fill_holes)
+        mask, _, _ = mask_on_input(probabilities.numpy(), self.grid, self.options)
         structure = parsed.structure if parsed is not None else None
         return LabelResult(
             reference=self.volume, segments=[Segment(text, structure, mask)],

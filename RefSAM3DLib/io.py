@@ -67,9 +67,9 @@ def read_volume(path, modality: str | None = None, frame: int | None = None,
     Args:
         path: a .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd file, or a folder holding one DICOM
             series (or several, with ``series_uid``).
-        modality: ``"CT"`` or ``"MR"``; wins over everything. When ``None``: the DICOM Modality
-            tag if it is CT or MR, else :func:`guess_modality` ("CT" for Hounsfield-looking data,
-            otherwise ``None`` so that the caller's or the model config's default applies).
+        modality: ``"CT"`` or ``"MR"``; wins over the file's. When ``None``: the DICOM Modality
+            tag if it is CT or MR, else ``None`` (the engine then decides from the intensities:
+            ``inference.decide_modality``).
         frame: which time frame of a 4D image to read (0-based); required for 4D images.
         series_uid: which series of a DICOM folder holding several.
 
@@ -96,27 +96,12 @@ def read_volume(path, modality: str | None = None, frame: int | None = None,
     _check_geometry(image, path.name)
     volume = volume_from_sitk(image, name=path.name)
     _check_finite(volume.array, path.name)
-    modality = modality or dicom_modality or guess_modality(volume.array)
+    modality = modality or dicom_modality
     return dataclasses.replace(
         volume, modality=modality,
         metadata={"path": str(path.resolve()), "format": file_format, "frame": frame,
                   "series_uid": series_uid},
     )
-
-
-def guess_modality(array: np.ndarray) -> str | None:
-    """``"CT"`` when the voxel values look like Hounsfield units, else ``None``.
-
-    The heuristic: the minimum lies in [-3100, -500] (air is -1000 HU; scanners pad outside the
-    field of view with -1024, -2048 or -3024) and the 99th percentile is at most 4000 (bone and
-    contrast stay below that). MR and PET values are rarely negative at all, so an MR is almost
-    never taken for a CT; an unknown modality is left to the caller's default.
-    """
-    minimum = float(array.min())
-    if not -3100.0 <= minimum <= -500.0:
-        return None
-    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
-    return "CT" if float(np.percentile(sample, 99)) <= 4000.0 else None
 
 
 def _volume_format(path: Path) -> str:

@@ -16,8 +16,34 @@ from pathlib import Path
 from .errors import RefSAM3DError
 from .vocabulary import STRUCTURES
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "refsam3d-small-v3"
+BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
+BUNDLED_MODEL_DIR = BUNDLED_MODELS / "refsam3d-small-v3"
 """The bundled default model; defined here, torch-free, so that the Slicer panel can read it (``checkpoint`` uses it too)."""
+
+
+def model_folder(name_or_path: str | Path | None = None) -> Path:
+    """The checkpoint folder a model option names; the one reading of ``--model``, the panel's
+    model path and ``RunOptions.model``, for ``checkpoint.load_model`` and :func:`model_summary`.
+
+    ``None``, ``""`` or ``"default"``: the bundled default; an existing folder: that folder; the
+    name of a bundled model (a folder of ``RefSAM3DLib/models``): that model, from any working folder.
+    """
+    if not name_or_path or str(name_or_path) == "default":
+        folder = BUNDLED_MODEL_DIR
+        if not (folder / "config.json").is_file():
+            raise RefSAM3DError(
+                f"The bundled model {folder.name} is missing from this installation; train one with "
+                "'refsam3d train' or pass a model folder (an untrained network: RefSAM3DLib.checkpoint.build_untrained)."
+            )
+        return folder
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.name == str(name_or_path) and (BUNDLED_MODELS / folder.name).is_dir():
+        return BUNDLED_MODELS / folder.name
+    names = ", ".join(sorted(p.name for p in BUNDLED_MODELS.iterdir() if p.is_dir())) if BUNDLED_MODELS.is_dir() else ""
+    raise RefSAM3DError(f"Model folder {folder} does not exist; give a folder with config.json and model.safetensors"
+                        + (f", or a bundled model's name ({names})." if names else "."))
 
 
 @dataclass(frozen=True)
@@ -51,9 +77,9 @@ class ModelSummary:
         return [(STRUCTURES[key].name if key in STRUCTURES else key, self.scores(key)) for key in keys]
 
 
-def model_summary(folder: str | Path | None = None) -> ModelSummary:
-    """The summary of a checkpoint folder (``None`` or ``""``: the bundled model) from its config.json."""
-    folder = Path(folder) if folder else BUNDLED_MODEL_DIR
+def model_summary(name_or_path: str | Path | None = None) -> ModelSummary:
+    """The summary of a model (as :func:`model_folder` reads its name) from its config.json."""
+    folder = model_folder(name_or_path)
     path = folder / "config.json"
     try:
         metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})

@@ -26,7 +26,8 @@ class Volume:
     Args:
         array: voxel values, shape ``(K, J, I)``, any real numeric dtype.
         ijk_to_ras: ``(4, 4)`` affine from ``(i, j, k, 1)`` to RAS millimetres.
-        modality: ``"CT"``, ``"MR"`` or ``None`` when unknown (the model config then decides).
+        modality: ``"CT"``, ``"MR"`` or ``None`` when unknown (the engine then decides:
+            ``inference.decide_modality``).
         name: a human label for reports (usually the file name).
     """
 

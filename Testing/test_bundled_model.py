@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from RefSAM3DLib import io
-from RefSAM3DLib.checkpoint import BUNDLED_MODEL_DIR, load_model
+from RefSAM3DLib.checkpoint import load_model
 from RefSAM3DLib.evaluation import case_metrics
 from RefSAM3DLib.inference import model_name, segment
+from RefSAM3DLib.model_info import BUNDLED_MODEL_DIR
+from RefSAM3DLib.run_options import RunOptions
 from RefSAM3DLib.weights import sha256_file
 
 SAMPLES = Path(__file__).resolve().parents[1] / "RefSAM3DLib" / "samples"
@@ -50,7 +52,7 @@ def test_bundled_model_segments_a_held_out_mri_with_sides_apart(bundled):
     values = {key: int(v) for v, key in json.loads((SAMPLES / "labelmaps.json").read_text())[
         "chaos_t2spir_01_label.nii.gz"].items()}
     keys = list(HELD_OUT_MR_DICE_FLOORS)
-    result = segment(volume, ["liver", "right kidney", "left kidney", "spleen"], model=bundled, device="cpu")
+    result = segment(volume, ["liver", "right kidney", "left kidney", "spleen"], model=bundled, options=RunOptions(device="cpu"))
     assert result.model_name == BUNDLED_NAME
     assert [s.structure.key for s in result.segments] == keys
     spacing = volume.spacing_mm[::-1]
@@ -68,10 +70,8 @@ def test_bundled_model_segments_a_held_out_mri_with_sides_apart(bundled):
 
 def test_held_out_scores_in_the_checkpoint_are_the_model_cards():
     """The Slicer panel shows ``metadata.held_out_dice`` (read without torch): the card's table."""
-    from RefSAM3DLib.model_info import BUNDLED_MODEL_DIR as SUMMARY_DIR
     from RefSAM3DLib.model_info import model_summary
 
-    assert SUMMARY_DIR == BUNDLED_MODEL_DIR
     summary = model_summary()
     card = (BUNDLED_MODEL_DIR / "MODEL_CARD.md").read_text()
     assert summary.name == BUNDLED_NAME and set(summary.held_out_dice) == {"CT", "MR"}

@@ -14,6 +14,7 @@ from RefSAM3DLib import checkpoint
 from RefSAM3DLib.checkpoint import build_untrained, load_model, load_sam_weights, save_checkpoint
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.model import build_model
+from RefSAM3DLib.model_info import BUNDLED_MODEL_DIR
 
 torch.set_num_threads(1)
 
@@ -168,7 +169,7 @@ def test_folder_without_config_is_a_user_error(tmp_path):
 
 
 def test_default_model_is_the_bundled_one():
-    if (checkpoint.BUNDLED_MODEL_DIR / "config.json").is_file():
+    if (BUNDLED_MODEL_DIR / "config.json").is_file():
         model = load_model()
         assert model.config.name == "small" and not model.training
     else:
@@ -243,3 +244,13 @@ def test_deeply_nested_config_json_is_a_clear_error(untrained_model_dir, tmp_pat
                                                      + ', "metadata": {', 1))
     with pytest.raises(RefSAM3DError, match="config.json is not valid JSON"):
         load_model(folder)
+
+
+def test_a_model_is_named_by_bundled_name_folder_or_default(tmp_path):
+    from RefSAM3DLib.model_info import model_folder
+
+    assert model_folder(None) == model_folder("") == model_folder("default") == BUNDLED_MODEL_DIR
+    assert model_folder(BUNDLED_MODEL_DIR.name) == BUNDLED_MODEL_DIR  # from any working folder
+    assert model_folder(tmp_path) == tmp_path
+    with pytest.raises(RefSAM3DError, match=f"does not exist.*{BUNDLED_MODEL_DIR.name}"):
+        model_folder(tmp_path / "missing")

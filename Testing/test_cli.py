@@ -278,3 +278,12 @@ def test_batch_of_hostile_files_fails_each_alone_and_segments_the_rest(model_dir
                  "junk.nrrd: line 7 of the NRRD header"):
         assert word in child.stderr
     assert sorted(p.name for p in results.iterdir()) == ["good.json", "good.nii.gz"]
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "0", "nan"])
+def test_absurd_threshold_is_refused_before_any_work(threshold, model_dir, small_ct, tmp_path, capsys, no_inference):
+    code, _, err = run(["segment", str(small_ct), "-p", "liver", "--model", str(model_dir), "-o",
+                        str(tmp_path / "o.nii.gz"), f"--threshold={threshold}"], capsys)
+    assert code == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("refsam3d: error:")]
+    assert "threshold" in line.lower() and "0.5" in line

@@ -16,9 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from RefSAM3DLib.cli import build_parser
-from RefSAM3DLib.cli_process import ChildProcess, SegmentationJob, library_environment, parse_line, segment_command
+from RefSAM3DLib.cli_process import (ChildProcess, SegmentationJob, done_line, error_line, error_message,
+                                     library_environment, parse_line, progress_line, segment_command)
 from RefSAM3DLib.errors import Cancelled, RefSAM3DError
 from RefSAM3DLib.geometry import sitk_from_volume, volume_from_sitk
+from RefSAM3DLib.run_options import RunOptions
 
 
 def _alive(pid: int) -> bool:
@@ -39,21 +41,28 @@ def test_progress_done_and_other_lines_are_told_apart():
     assert parse_line("DONE /tmp/x/result.seg.nrrd").text == "/tmp/x/result.seg.nrrd"
     assert parse_line("PROGRESS soon").kind == "log"
     assert parse_line("refsam3d: error: bad", from_stderr=True).kind == "error_log"
+    # the worker's writers and the parent's readers are one protocol
+    assert parse_line(progress_line(0.25, "window 1/4")) == parse_line("PROGRESS 0.25 window 1/4")
+    assert parse_line(done_line("/tmp/x/result.seg.nrrd")) == parse_line("DONE /tmp/x/result.seg.nrrd")
+    assert error_message(["log", error_line("the volume is empty; load another one."), ""]) == \
+        "the volume is empty; load another one."
 
 
 def test_command_carries_every_option_and_refuses_empty_prompts():
     # A prompt or model folder starting with '-' must reach the CLI as a value, not as an option.
-    command = segment_command("in.nrrd", ["liver", " spleen ", "", "-kidney", "--help"], "out.seg.nrrd", python="py",
-                              device="cpu", overlap=0.5, model="-models/m", modality="CT", largest_component=True,
-                              fill_holes=True)
+    options = RunOptions(device="cpu", overlap=0.5, threshold=0.3, model="-models/m", largest_component=True,
+                         fill_holes=True)
+    command = segment_command("in.nrrd", ["liver", " spleen ", "", "-kidney", "--help"], "out.seg.nrrd", options,
+                              python="py", modality="CT")
     assert command[:3] == ["py", "-m", "RefSAM3DLib.cli"]
     args = build_parser().parse_args(command[3:])  # the child's own parser
     assert (args.command, args.inputs, args.output) == ("segment", ["in.nrrd"], "out.seg.nrrd")
     assert args.prompt == ["liver", "spleen", "-kidney", "--help"]
-    assert (args.device, args.overlap, args.model, args.modality) == ("cpu", 0.5, "-models/m", "CT")
-    assert args.progress_lines and args.largest_component and args.fill_holes
+    assert RunOptions.from_cli_args(args) == options and args.modality == "CT" and args.progress_lines
+    assert RunOptions.from_cli_args(build_parser().parse_args(segment_command("in", ["liver"], "o", RunOptions())[3:])) \
+        == RunOptions()
     with pytest.raises(RefSAM3DError, match="prompt"):
-        segment_command("in.nrrd", [" ", ""], "out.seg.nrrd")
+        segment_command("in.nrrd", [" ", ""], "out.seg.nrrd", RunOptions())
 
 
 def test_child_output_streams_in_order_with_exit_status(tmp_path):
@@ -120,10 +129,11 @@ def untrained_model(untrained_model_dir):
 
 def test_job_runs_the_cli_and_returns_masks_on_the_input_grid(small_volume, untrained_model, tmp_path):
     fractions = []
-    with SegmentationJob(small_volume, ["liver", "spleen"], device="cpu", model=str(untrained_model),
+    with SegmentationJob(small_volume, ["liver", "spleen"], RunOptions(device="cpu", model=str(untrained_model)),
                          temp_root=tmp_path) as job:
         job.start()
-        result = job.wait(progress=lambda fraction, message: fractions.append(fraction))
+        job.wait(lambda event: fractions.append(event.fraction) if event.kind == "progress" else None)
+        result = job.result()
         temp_dir = job.temp_dir
         assert (temp_dir / "result.seg.nrrd").exists()
         assert not (temp_dir / "input.nrrd").exists()  # the copy of the scan went as soon as it was read
@@ -136,25 +146,27 @@ def test_job_runs_the_cli_and_returns_masks_on_the_input_grid(small_volume, untr
 
 
 def test_job_failure_raises_the_cli_message_and_cleans_up(small_volume, tmp_path):
-    with SegmentationJob(small_volume, ["liver"], device="cpu", model=str(tmp_path / "no-such-model"),
+    with SegmentationJob(small_volume, ["liver"], RunOptions(device="cpu", model=str(tmp_path / "no-such-model")),
                          temp_root=tmp_path) as job:
         job.start()
         temp_dir = job.temp_dir
+        job.wait()
         with pytest.raises(RefSAM3DError) as raised:
-            job.wait()
+            job.result()
     message = str(raised.value)
     assert "no-such-model" in message and "\n" not in message and "Traceback" not in message
     assert not temp_dir.exists()
 
 
 def test_cancelled_job_raises_cancelled_and_leaves_nothing(small_volume, untrained_model, tmp_path):
-    job = SegmentationJob(small_volume, ["liver"], device="cpu", model=str(untrained_model), temp_root=tmp_path)
+    job = SegmentationJob(small_volume, ["liver"], RunOptions(device="cpu", model=str(untrained_model)), temp_root=tmp_path)
     try:
         job.start()
         temp_dir = job.temp_dir
         job.cancel()
+        job.wait()
         with pytest.raises(Cancelled):
-            job.wait()
+            job.result()
     finally:
         job.close()
     assert not temp_dir.exists()
@@ -180,7 +192,8 @@ def test_worker_stops_and_removes_the_scan_when_its_parent_dies(small_volume, un
         import time
         from RefSAM3DLib.cli_process import SegmentationJob
         from RefSAM3DLib.io import read_volume
-        job = SegmentationJob(read_volume({str(scan)!r}), ["liver"], device="cpu", model={str(untrained_model)!r},
+        from RefSAM3DLib.run_options import RunOptions
+        job = SegmentationJob(read_volume({str(scan)!r}), ["liver"], RunOptions(device="cpu", model={str(untrained_model)!r}),
                               temp_root={str(jobs)!r})
         job.start()
         print(job.temp_dir, job.process.pid, flush=True)
@@ -201,7 +214,7 @@ def test_worker_stops_and_removes_the_scan_when_its_parent_dies(small_volume, un
 
 
 def test_terminated_worker_removes_the_scan_itself(small_volume, untrained_model, tmp_path):
-    job = SegmentationJob(small_volume, ["liver"], device="cpu", model=str(untrained_model), temp_root=tmp_path)
+    job = SegmentationJob(small_volume, ["liver"], RunOptions(device="cpu", model=str(untrained_model)), temp_root=tmp_path)
     try:
         job.start()
         temp_dir = job.temp_dir

@@ -11,6 +11,7 @@ import torch
 
 from RefSAM3DLib.datasets import Case, cases_from_path
 from RefSAM3DLib.errors import RefSAM3DError
+from RefSAM3DLib.run_options import RunOptions
 from RefSAM3DLib.evaluation import (
     EMPTY_MASK_POLICY,
     case_metrics,
@@ -115,7 +116,7 @@ def test_cases_from_the_bundled_folder_pairs(samples_dir):
     assert cases["ct3slice"].structures == {1: "liver", 2: "thoracic_spine"}
     assert cases["ts_example_ct"].image_path.name == "ts_example_ct_image.nii.gz"
     assert cases["ts_example_ct"].structures[3] == "kidney_left"
-    assert cases["ts_example_ct"].modality is None  # guessed from the image when it is read
+    assert cases["ts_example_ct"].modality is None  # the engine decides from the image
 
 
 def write_case(folder, name, shape_kji=(24, 32, 32), spacing=(2.0, 2.0, 3.0)):
@@ -161,7 +162,7 @@ def test_evaluate_writes_report_and_worst_case_overlays(tmp_path):
     image_path, label_path = write_case(data, "synthetic")
     case = Case("synthetic", "synthetic", image_path, label_path, {1: "liver", 2: "spleen"}, "CT", "synthetic")
     fractions = []
-    rows = evaluate(model, [case], tmp_path / "report", device="cpu", progress=lambda f, m: fractions.append(f))
+    rows = evaluate(model, [case], tmp_path / "report", options=RunOptions(device="cpu"), progress=lambda f, m: fractions.append(f))
     assert [(r["case"], r["structure"]) for r in rows] == [("synthetic", "liver"), ("synthetic", "spleen")]
     assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
     assert rows[0]["reference_ml"] == pytest.approx(8 * 12 * 12 * 2 * 2 * 3 / 1000)
@@ -170,4 +171,4 @@ def test_evaluate_writes_report_and_worst_case_overlays(tmp_path):
     assert fractions[-1] == 1.0
     (data / "labelmaps.json").write_text(json.dumps({"synthetic_label.nii.gz": {"1": "liver"}}))
     with pytest.raises(RefSAM3DError, match="Unknown case"):
-        evaluate_command(model, data, tmp_path / "other", case_names=["nope"], device="cpu")
+        evaluate_command(data, tmp_path / "other", RunOptions(device="cpu"), case_names=["nope"])

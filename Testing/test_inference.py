@@ -7,7 +7,10 @@ import torch
 from RefSAM3DLib.errors import Cancelled, RefSAM3DError
 from RefSAM3DLib.inference import count_windows, resolve_device, segment
 from RefSAM3DLib.model.build import build_model
+from RefSAM3DLib.run_options import RunOptions
 from RefSAM3DLib.volume import Volume
+
+CPU = RunOptions(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def test_image_encoder_runs_once_per_window_for_all_prompts(untrained_small):
     volume = oblique_ct()
     calls, handle = count_image_encoder_calls(untrained_small)
     try:
-        result = segment(volume, ["liver", "spleen", "left kidney", "aorta"], model=untrained_small, device="cpu")
+        result = segment(volume, ["liver", "spleen", "left kidney", "aorta"], model=untrained_small, options=CPU)
     finally:
         handle.remove()
     assert len(result.segments) == 4
@@ -54,7 +57,7 @@ def _model_shape(volume, model):
 
 def test_masks_lie_on_the_input_grid_of_an_oblique_volume(untrained_small):
     volume = oblique_ct()
-    result = segment(volume, "liver, spleen", model=untrained_small, device="cpu")
+    result = segment(volume, "liver, spleen", model=untrained_small, options=CPU)
     assert [s.structure.key for s in result.segments] == ["liver", "spleen"]
     for seg in result.segments:
         assert seg.mask.shape == volume.shape_kji
@@ -65,7 +68,7 @@ def test_masks_lie_on_the_input_grid_of_an_oblique_volume(untrained_small):
 
 def test_progress_is_monotonic_and_ends_at_one(untrained_small):
     fractions = []
-    segment(oblique_ct(), ["liver"], model=untrained_small, device="cpu", progress=lambda f, m: fractions.append(f))
+    segment(oblique_ct(), ["liver"], model=untrained_small, options=CPU, progress=lambda f, m: fractions.append(f))
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
     assert all(b >= a for a, b in zip(fractions, fractions[1:]))
 
@@ -80,14 +83,14 @@ def test_cancel_stops_within_one_window(untrained_small):
 
     try:
         with pytest.raises(Cancelled):
-            segment(oblique_ct((80, 80, 80)), ["liver"], model=untrained_small, device="cpu", cancel=cancel)
+            segment(oblique_ct((80, 80, 80)), ["liver"], model=untrained_small, options=CPU, cancel=cancel)
     finally:
         handle.remove()
     assert sum(calls) == 1
 
 
 def test_unknown_text_is_still_segmented_with_a_warning(untrained_small):
-    result = segment(oblique_ct(), ["the flux capacitor"], model=untrained_small, device="cpu")
+    result = segment(oblique_ct(), ["the flux capacitor"], model=untrained_small, options=CPU)
     assert result.segments[0].structure is None
     assert any("outside the trained vocabulary" in w for w in result.warnings)
 
@@ -95,7 +98,7 @@ def test_unknown_text_is_still_segmented_with_a_warning(untrained_small):
 @pytest.mark.parametrize("prompt", ["", "   ", "\n"])
 def test_empty_prompt_is_an_error(untrained_small, prompt):
     with pytest.raises(RefSAM3DError):
-        segment(oblique_ct(), [prompt], model=untrained_small, device="cpu")
+        segment(oblique_ct(), [prompt], model=untrained_small, options=CPU)
 
 
 def test_unknown_device_is_an_error():
@@ -117,7 +120,7 @@ def test_mps_is_offered_by_name_and_refused_clearly_where_absent():
 
 def test_volume_smaller_than_one_window_is_padded(untrained_small):
     tiny = Volume(np.full((3, 20, 20), 40, np.int16), np.diag([2.0, 2.0, 2.0, 1.0]), modality="CT")
-    result = segment(tiny, ["liver"], model=untrained_small, device="cpu")
+    result = segment(tiny, ["liver"], model=untrained_small, options=CPU)
     assert result.segments[0].mask.shape == (3, 20, 20)
 
 
@@ -139,7 +142,7 @@ def test_structures_the_model_never_trained_on_come_with_a_warning(untrained_sma
     untrained_small.metadata = {"structures": ["liver", "spleen"]}
     try:
         volume = Volume(np.zeros((20, 20, 20), np.float32), np.eye(4), modality="CT")
-        result = segment(volume, ["liver", "urinary bladder"], model=untrained_small, device="cpu")
+        result = segment(volume, ["liver", "urinary bladder"], model=untrained_small, options=CPU)
     finally:
         untrained_small.metadata = {}
     assert [w for w in result.warnings if "not among the structures" in w] == [
@@ -185,7 +188,7 @@ def test_masks_made_inside_each_structure_box_equal_those_made_on_the_whole_grid
         expected = postprocess_mask((on_input >= 0.5).astype(np.uint8), True, True)
         whole.add(value, expected, on_input)
 
-        mask, box, inside = mask_on_input(probabilities, grid, 0.5, largest_component=True, fill_holes=True)
+        mask, box, inside = mask_on_input(probabilities, grid, RunOptions(largest_component=True, fill_holes=True))
         boxed.add(value, mask[box], inside, box)
 
         assert expected.any() and mask.dtype == np.uint8
@@ -201,6 +204,25 @@ def test_a_structure_that_never_reaches_the_threshold_gives_an_empty_mask_withou
 
     volume = oblique_ct()
     grid = model_grid(volume, (3.0, 3.0, 3.0))
-    mask, box, inside = mask_on_input(np.full(grid.shape_dhw, 0.49, np.float32), grid, 0.5)
+    mask, box, inside = mask_on_input(np.full(grid.shape_dhw, 0.49, np.float32), grid, RunOptions())
     assert box is None and inside is None
     assert mask.shape == volume.shape_kji and not mask.any()
+
+
+def test_modality_is_the_stated_one_else_ct_for_hounsfield_units_else_mr_with_a_warning(samples_dir):
+    from RefSAM3DLib.inference import decide_modality
+    from RefSAM3DLib.io import read_volume
+
+    ct = read_volume(samples_dir / "ts_example_ct_image.nii.gz")
+    mr = read_volume(samples_dir / "ts_example_mr_sm_image.nii.gz")
+    decided, warnings = decide_modality(ct)
+    assert decided.modality == "CT" and warnings == []
+    decided, warnings = decide_modality(mr)
+    assert decided.modality == "MR" and len(warnings) == 1 and "--modality" in warnings[0]
+    stated = read_volume(samples_dir / "ts_example_ct_image.nii.gz", modality="MR")
+    decided, warnings = decide_modality(stated)
+    assert decided is stated and warnings == []
+    # the result records the modality the run used
+    tiny = Volume(np.full((3, 20, 20), 40, np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    result = segment(tiny, ["liver"], model=build_model("small").eval(), options=CPU)
+    assert result.reference.modality == "MR" and any("treated as MR" in w for w in result.warnings)

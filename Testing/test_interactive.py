@@ -9,6 +9,7 @@ from RefSAM3DLib.inference import segment
 from RefSAM3DLib.interactive import InteractiveSession, pad_to_window
 from RefSAM3DLib.model import build_model
 from RefSAM3DLib.model.text_encoder import ClipTextEncoder
+from RefSAM3DLib.run_options import RunOptions
 from RefSAM3DLib.volume import Volume
 from test_inference import oblique_ct as oblique_ct_volume
 
@@ -30,7 +31,7 @@ def oblique_ct():
 
 @pytest.fixture(scope="module")
 def session(tiny, oblique_ct):
-    return InteractiveSession(oblique_ct, model=tiny, device="cpu")
+    return InteractiveSession(oblique_ct, model=tiny, options=RunOptions(device="cpu"))
 
 
 def centre_ras(volume: Volume) -> np.ndarray:
@@ -39,7 +40,7 @@ def centre_ras(volume: Volume) -> np.ndarray:
 
 
 def test_text_alone_equals_the_engine_on_the_same_volume(session, tiny, oblique_ct):
-    engine = segment(oblique_ct, "liver", model=tiny, device="cpu")
+    engine = segment(oblique_ct, "liver", model=tiny, options=RunOptions(device="cpu"))
     answer = session.segment("liver")
     np.testing.assert_array_equal(answer.segments[0].mask, engine.segments[0].mask)
     assert answer.segments[0].mask.shape == oblique_ct.shape_kji
@@ -109,7 +110,7 @@ def test_a_cache_that_cannot_fit_is_refused_before_encoding(tiny, oblique_ct, mo
     handle = tiny.image_encoder.register_forward_hook(lambda *args: calls.append(1))
     try:
         with pytest.raises(RefSAM3DError, match="interactive cache of this volume needs about"):
-            InteractiveSession(oblique_ct, model=tiny, device="cpu")
+            InteractiveSession(oblique_ct, model=tiny, options=RunOptions(device="cpu"))
     finally:
         handle.remove()
     assert calls == []

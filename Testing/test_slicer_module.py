@@ -69,7 +69,7 @@ def test_module_compiles_and_has_the_four_slicer_classes(tmp_path):
     logic = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "RefSAM3DLogic")
     process = next(node for node in logic.body if isinstance(node, ast.FunctionDef) and node.name == "process")
     arguments = [arg.arg for arg in process.args.args]
-    assert arguments[:6] == ["self", "inputVolumeNode", "prompts", "outputSegmentationNode", "device", "progressCallback"]
+    assert arguments[:6] == ["self", "inputVolumeNode", "prompts", "outputSegmentationNode", "options", "progressCallback"]
 
 
 def test_logic_never_touches_widgets():
@@ -248,6 +248,7 @@ def test_the_logic_runs_end_to_end_on_slicer_core(refsam3d_module, slicer_app, s
     import vtk
 
     from RefSAM3DLib import mrml
+    from RefSAM3DLib.run_options import RunOptions
     from RefSAM3DLib.vocabulary import lookup
 
     image = sitk.ReadImage(str(samples_dir / "msd_spleen_2_crop_image.nii.gz"))
@@ -262,7 +263,7 @@ def test_the_logic_runs_end_to_end_on_slicer_core(refsam3d_module, slicer_app, s
     lines, fractions = [], []
     logic.logCallback = lines.append
 
-    segmentation_node = logic.process(volume_node, "CT images, spleen segmentation", device="cpu",
+    segmentation_node = logic.process(volume_node, "CT images, spleen segmentation", options=RunOptions(device="cpu"),
                                       progressCallback=lambda fraction, message: fractions.append(fraction))
 
     segmentation = segmentation_node.GetSegmentation()
@@ -307,6 +308,7 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_a
     from RefSAM3DLib.cli import main
     from RefSAM3DLib.inference import segment
     from RefSAM3DLib.model.build import build_model
+    from RefSAM3DLib.run_options import RunOptions
     from RefSAM3DLib.vocabulary import lookup
 
     image = sitk.ReadImage(str(ROOT / "RefSAM3DLib" / "samples" / "ts_example_ct_image.nii.gz"))
@@ -318,7 +320,7 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_a
     model = build_model("small").eval()
     logits = []
     hook = model.mask_decoder.register_forward_hook(lambda module, inputs, output: logits.append(output.detach()))
-    segment(io.read_volume(input_path), ["liver"], model=model, device="cpu")
+    segment(io.read_volume(input_path), ["liver"], model=model, options=RunOptions(device="cpu"))
     hook.remove()
     with torch.no_grad():
         model.mask_decoder.out_conv.bias -= torch.cat([x.flatten() for x in logits]).median()
@@ -328,7 +330,7 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_a
 
     fractions = []
     logic = refsam3d_module.RefSAM3DLogic()
-    segmentation_node = logic.process(node, "liver, spleen", device="cpu", model=str(model_dir),
+    segmentation_node = logic.process(node, "liver, spleen", options=RunOptions(device="cpu", model=str(model_dir)),
                                       progressCallback=lambda fraction, message: fractions.append(fraction))
 
     assert main(["segment", str(input_path), "--prompt", "liver", "--prompt", "spleen", "--output",

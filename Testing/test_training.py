@@ -63,7 +63,7 @@ def test_bundled_samples_folder_with_bare_file_keys_and_structure_filter(samples
     assert cases[0].structures == {3: "kidney_left", 5: "liver"}
     with pytest.raises(RefSAM3DError, match="unknown cases"):
         load_cases({"name": "s", "root": ".", "modality": "CT", "include": ["no_such_case"]}, samples_dir)
-    # training must know the modality; evaluation (require_modality=False) guesses it when reading
+    # training must know the modality; evaluation (require_modality=False) lets the engine decide
     with pytest.raises(RefSAM3DError, match="set 'modality'"):
         load_cases({"name": "s", "root": ".", "include": ["ts_example_ct"]}, samples_dir)
     (case,) = load_cases({"name": "s", "root": ".", "include": ["ts_example_ct"]}, samples_dir, require_modality=False)

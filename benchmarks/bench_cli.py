@@ -129,13 +129,15 @@ def child(arguments: dict) -> None:
 
 def _window_count(result, arguments) -> int:
     from RefSAM3DLib import preprocess
-    from RefSAM3DLib.checkpoint import read_checkpoint_record, BUNDLED_MODEL_DIR
+    from RefSAM3DLib.checkpoint import read_checkpoint_record
     from RefSAM3DLib.inference import count_windows
+    from RefSAM3DLib.model_info import model_folder
+    from RefSAM3DLib.run_options import RunOptions
 
-    record = read_checkpoint_record(arguments["model"] or BUNDLED_MODEL_DIR)
+    record = read_checkpoint_record(model_folder(arguments["model"]))
     config = record["model_config"]
     grid = preprocess.model_grid(result.reference, config["spacing_mm"])
-    return count_windows(grid.shape_dhw, config["window_size_vox"], 0.25)
+    return count_windows(grid.shape_dhw, config["window_size_vox"], RunOptions().overlap)
 
 
 # --------------------------------------------------------------------------------------------

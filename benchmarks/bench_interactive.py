@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from RefSAM3DLib import io  # noqa: E402
-from RefSAM3DLib.checkpoint import load_model  # noqa: E402
-from RefSAM3DLib.inference import segment  # noqa: E402
+from RefSAM3DLib.inference import run_model, segment  # noqa: E402
 from RefSAM3DLib.interactive import InteractiveSession  # noqa: E402
+from RefSAM3DLib.run_options import RunOptions  # noqa: E402
 
 SAMPLE_CT = ROOT / "RefSAM3DLib" / "samples" / "ts_example_ct_image.nii.gz"
 
@@ -53,15 +53,16 @@ def main() -> None:
     args = parser.parse_args()
 
     volume = io.read_volume(args.input, modality="CT")
-    model = load_model(args.model, device=args.device)
+    options = RunOptions(device=args.device, model=args.model)
+    model = run_model(options)
     centre = volume.ijk_to_ras @ np.append((np.array(volume.shape_kji[::-1]) - 1) / 2.0, 1.0)
     point = centre[:3]
     box = np.concatenate([point - 30.0, point + 30.0])
     clicks = [point, point + [10.0, 0.0, 0.0], point - [0.0, 10.0, 5.0]]
 
-    full = timed(lambda: segment(volume, args.prompt, model=model, device=args.device), args.repeats)
+    full = timed(lambda: segment(volume, args.prompt, model=model, options=options), args.repeats)
     started = time.perf_counter()
-    session = InteractiveSession(volume, model=model, device=args.device)
+    session = InteractiveSession(volume, model=model, options=options)
     encode = time.perf_counter() - started
     rows = [
         ("full first run (segment, 1 prompt)", full),

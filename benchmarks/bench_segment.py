@@ -27,8 +27,8 @@ import json, sys, time, resource
 import numpy as np, torch
 sys.path.insert(0, {root!r})
 from RefSAM3DLib import io
-from RefSAM3DLib.checkpoint import load_model
-from RefSAM3DLib.inference import segment
+from RefSAM3DLib.inference import run_model, segment
+from RefSAM3DLib.run_options import RunOptions
 from RefSAM3DLib.volume import Volume
 args = json.loads(sys.argv[1])
 if args["input"] == "synthetic":
@@ -42,9 +42,10 @@ if args["input"] == "synthetic":
     volume = Volume(array, affine, modality="CT", name="synthetic 512x512x300")
 else:
     volume = io.read_volume(args["input"], modality="CT")
-model = load_model(args["model"], device=args["device"])
+options = RunOptions(device=args["device"], model=args["model"])
+model = run_model(options)
 started = time.perf_counter()
-result = segment(volume, args["prompts"], model=model, device=args["device"])
+result = segment(volume, args["prompts"], model=model, options=options)
 seconds = time.perf_counter() - started
 gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
