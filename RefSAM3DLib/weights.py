@@ -1,8 +1,9 @@
-"""Registry of downloadable base weights, the cache directory, and a verified resumable download.
+"""The registry of downloadable base weights (``WEIGHT_FILES``), the cache directory, and a
+verified resumable download.
 
 The cache is ``$REFSAM3D_CACHE`` or ``~/.cache/refsam3d``. A download goes to ``<file>.part``
 (kept when interrupted and resumed with an HTTP Range request next time), shows a tqdm
-progress bar, is checked against the registry's SHA-256 (and its size against the server's) and
+progress bar, is checked against its entry's SHA-256 (and its size against the server's) and
 only then renamed onto its final name, so a file in the cache under its final name is always
 complete and verified. Processes sharing one cache take turns per file (``<file>.lock``): the
 second waits for the first's download and then uses it.
@@ -32,7 +33,7 @@ class WeightEntry:
     """One downloadable file.
 
     Args:
-        name: registry key.
+        name: its key in WEIGHT_FILES.
         url: where to download it.
         filename: its name in the cache.
         sha256: published SHA-256 (hex); None when the publisher gives none (then only the
@@ -49,7 +50,7 @@ class WeightEntry:
     description: str = ""
 
 
-REGISTRY: dict[str, WeightEntry] = {
+WEIGHT_FILES: dict[str, WeightEntry] = {
     "sam_vit_b": WeightEntry(
         name="sam_vit_b",
         url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -124,7 +125,7 @@ def fetch(entry: "WeightEntry | str", progress: bool = True, timeout_s: float = 
     """The cached, verified file of ``entry``; downloads (resuming a partial file) when missing.
 
     Args:
-        entry: a WeightEntry or a REGISTRY key.
+        entry: a WeightEntry or a WEIGHT_FILES key.
         progress: show a tqdm progress bar.
         timeout_s: socket timeout of the HTTP connection.
 
@@ -133,9 +134,9 @@ def fetch(entry: "WeightEntry | str", progress: bool = True, timeout_s: float = 
     """
     if isinstance(entry, str):
         try:
-            entry = REGISTRY[entry]
+            entry = WEIGHT_FILES[entry]
         except KeyError:
-            raise RefSAM3DError(f"Unknown weights {entry!r}; choose one of {sorted(REGISTRY)}.") from None
+            raise RefSAM3DError(f"Unknown weights {entry!r}; choose one of {sorted(WEIGHT_FILES)}.") from None
     target = cache_dir() / entry.filename
     try:
         with _file_lock(target.with_name(target.name + ".lock")):  # one download per file at a time

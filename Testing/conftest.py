@@ -59,10 +59,10 @@ def tiny_sam_config():
     """The vit_b architecture (SAM-initialised, CLIP text) at toy size: 32^3 window, width 32, 4 blocks."""
     import dataclasses
 
-    from RefSAM3DLib.model import CONFIGS
+    from RefSAM3DLib.model import MODEL_CONFIGS
 
     return dataclasses.replace(
-        CONFIGS["vit_b"], name="tiny_sam", window_size_vox=32, patch_size=8, embed_dim=32, depth=4,
+        MODEL_CONFIGS["vit_b"], name="tiny_sam", window_size_vox=32, patch_size=8, embed_dim=32, depth=4,
         num_heads=2, attn_window_tok=2, global_attn_indexes=(1, 3), stage_indexes=(0, 1, 2, 3),
         adapter_dim=8, neck_dim=16, upsample_channels=(16, 8, 8), text_dim=32, text_context_length=16,
         decoder_heads=2, decoder_mlp_dim=32, fusion_channels=4,

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from RefSAM3DLib import checkpoint
-from RefSAM3DLib.checkpoint import build_untrained, load_model, load_sam_weights, save_checkpoint
+from RefSAM3DLib.checkpoint import build_untrained, load_model, save_checkpoint
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.model import build_model
+from RefSAM3DLib.model.sam_weights import load_sam_weights
+from RefSAM3DLib.model.weight_files import read_safetensors, read_torch_weights
 from RefSAM3DLib.model_info import BUNDLED_MODEL_DIR
 
 torch.set_num_threads(1)
@@ -107,7 +109,7 @@ def test_malicious_pickle_is_refused_without_running_its_code(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": _Payload(marker)}, path)
     with pytest.raises(RefSAM3DError, match="Refused"):
-        checkpoint.read_torch_weights(path)
+        read_torch_weights(path)
     assert not marker.exists()
 
 
@@ -122,7 +124,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_model, tiny_sam_confi
     record = json.loads((folder / "config.json").read_text())
     assert record["metadata"]["structures"] == ["liver"]
     assert set(record["base_weights_sha256"]) == {"sam_image_encoder", "clip_text"}
-    stored = checkpoint.read_safetensors(folder / "model.safetensors")
+    stored = read_safetensors(folder / "model.safetensors")
     assert set(stored) == set(tiny_model.trainable_state_dict())
     assert "image_encoder.blocks.0.attn.qkv.weight" not in stored  # frozen base weights stay out
 
@@ -160,7 +162,7 @@ def test_truncated_or_corrupt_safetensors_give_clear_errors(tiny_model, tiny_sam
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(RefSAM3DError, match="corrupt or truncated"):
-        checkpoint.read_safetensors(garbage)
+        read_safetensors(garbage)
 
 
 def test_folder_without_config_is_a_user_error(tmp_path):

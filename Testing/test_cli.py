@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from RefSAM3DLib.cli import main
+from RefSAM3DLib.model import MODEL_CONFIGS, parameter_report
 
 SAMPLES = Path(__file__).resolve().parents[1] / "RefSAM3DLib" / "samples"
 
@@ -149,20 +150,63 @@ def test_help_shows_examples():
     assert completed.returncode == 0 and "examples:" in completed.stdout
 
 
-def test_info_json_reports_parameter_counts_and_encoders(capsys):
-    code, out, _ = run(["info", "--config", "small", "--json"], capsys)
-    assert code == 0
-    report = json.loads(out)
-    assert report["total"]["total"] > report["total"]["trainable"] > 0
-    assert "MiniLM" in report["text_encoder"] and "stem" in report["image_encoder"]
+@pytest.fixture(scope="module")
+def parameter_reports():
+    """``parameter_report`` building each config once for the whole module (vit_b: 158 M parameters)."""
+    reports = {}
+
+    def report(name):
+        if name not in reports:
+            reports[name] = parameter_report(name)
+        return reports[name]
+
+    return report
 
 
-def test_info_prints_a_table_naming_both_encoders(capsys):
-    code, out, _ = run(["info", "--config", "vit_b"], capsys)
+# what each form must say about the parts: the paper's vit_b uses CLIP's ViT-B/16 text tower
+IMAGE_ENCODER_WORDS = {"small": "convolutional stem [8, 16, 32] + 3D ViT", "vit_b": "SAM 3D ViT"}
+TEXT_ENCODER_WORDS = {"minilm": "all-MiniLM-L6-v2", "clip": "CLIP ViT-B/16 text tower"}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_info_prints_a_table_and_json_naming_both_encoders_for_every_config(name, parameter_reports, monkeypatch, capsys):
+    monkeypatch.setattr("RefSAM3DLib.model.build.parameter_report", parameter_reports)
+    config = MODEL_CONFIGS[name]
+    code, table, _ = run(["info", "--config", name], capsys)
     assert code == 0
-    assert "CLIP ViT-B/16" in out and "SAM 3D ViT" in out
-    total = next(line for line in out.splitlines() if line.startswith("total "))
-    assert int(total.split()[1].replace(",", "")) > 100_000_000
+    code, text, _ = run(["info", "--config", name, "--json"], capsys)
+    assert code == 0
+    report = json.loads(text)
+
+    image_words = IMAGE_ENCODER_WORDS.get(name, "3D ViT")
+    text_words = TEXT_ENCODER_WORDS[config.text_encoder]
+    assert report["config"] == name
+    assert image_words in report["image_encoder"] and text_words in report["text_encoder"]
+    lines = table.splitlines()
+    assert lines[0].split() == ["config", name]
+    assert lines[1].startswith("image encoder ") and image_words in lines[1]
+    assert lines[2].startswith("text encoder ") and text_words in lines[2]
+    # one row per component and a total row, each: name, total, trainable, frozen -- the JSON's numbers
+    header = lines.index(next(line for line in lines if line.split() == ["component", "total", "trainable", "frozen"]))
+    rows = {}
+    for line in lines[header + 1:]:
+        if not line.strip():
+            break
+        component, *numbers = line.split()
+        rows[component] = dict(zip(("total", "trainable", "frozen"), (int(n.replace(",", "")) for n in numbers)))
+    assert rows == {**report["components"], "total": report["total"]}
+    assert all(row["total"] == row["trainable"] + row["frozen"] for row in rows.values())
+    assert 0 < report["total"]["trainable"] < report["total"]["total"]
+    assert rows["text_encoder"]["trainable"] == 0  # frozen in every config
+    assert lines[-1] == f"trainable fraction {report['trainable_fraction']:.1%}"
+    if name == "vit_b":
+        assert report["total"]["total"] > 100_000_000
+
+
+def test_info_of_an_unknown_config_names_the_registered_ones(capsys):
+    code, out, err = run(["info", "--config", "vit_h"], capsys)
+    assert code == 2 and not out
+    assert "vit_h" in err and all(name in err for name in MODEL_CONFIGS)
 
 
 def test_train_options_reach_the_training_entry_point(capsys):

@@ -7,7 +7,7 @@ import torch
 
 from RefSAM3DLib.checkpoint import build_untrained
 from RefSAM3DLib.errors import RefSAM3DError
-from RefSAM3DLib.model import CONFIGS, build_model, parameter_report
+from RefSAM3DLib.model import MODEL_CONFIGS, build_model, parameter_report
 
 torch.set_num_threads(1)
 PROMPTS = ["liver", "spleen", "left kidney"]
@@ -22,7 +22,7 @@ def small_model():
 @pytest.fixture(scope="module")
 def small_window():
     torch.manual_seed(1)
-    size = CONFIGS["small"].window_size_vox
+    size = MODEL_CONFIGS["small"].window_size_vox
     return torch.rand(1, 1, size, size, size)
 
 
@@ -46,7 +46,7 @@ def tiny_model(tiny_sam_config, tiny_sam_files):
 
 def test_small_config_gives_one_mask_per_prompt_from_one_encoder_pass(small_outputs):
     logits, encoder_passes = small_outputs
-    size = CONFIGS["small"].window_size_vox
+    size = MODEL_CONFIGS["small"].window_size_vox
     assert logits.shape == (1, len(PROMPTS), size, size, size)
     assert encoder_passes == 1
     assert torch.isfinite(logits).all()
@@ -79,7 +79,7 @@ def test_text_encoder_is_frozen_and_caches_by_text(small_model):
     assert not any(p.requires_grad for p in encoder.parameters())
     first = encoder(["spleen", "liver"])
     second = encoder(["liver"])
-    assert first.tokens.shape[-1] == CONFIGS["small"].text_dim == first.pooled.shape[-1]
+    assert first.tokens.shape[-1] == MODEL_CONFIGS["small"].text_dim == first.pooled.shape[-1]
     assert "liver" in encoder._cache and "spleen" in encoder._cache
     length = int(second.mask[0].sum())
     torch.testing.assert_close(second.tokens[0, :length], first.tokens[1, :length])
@@ -156,7 +156,7 @@ def test_small_is_a_hybrid_with_stem_skips_and_vit_b_keeps_sams_patch_embedding(
     from RefSAM3DLib.model.image_encoder import PatchEmbed3D
 
     assert isinstance(small_model.image_encoder.patch_embed, ConvStem)
-    assert len(small_model.pixel_decoder.stem_merge) == len(CONFIGS["small"].stem_channels) == 3
+    assert len(small_model.pixel_decoder.stem_merge) == len(MODEL_CONFIGS["small"].stem_channels) == 3
     with torch.device("meta"):
         vit_b = build_model("vit_b")
     assert isinstance(vit_b.image_encoder.patch_embed, PatchEmbed3D) and len(vit_b.pixel_decoder.stem_merge) == 0
@@ -166,4 +166,4 @@ def test_stem_deeper_than_the_patch_is_a_config_error():
     import dataclasses
 
     with pytest.raises(RefSAM3DError, match="stem_channels"):
-        dataclasses.replace(CONFIGS["small"], stem_channels=(4, 8, 16, 32)).validate()
+        dataclasses.replace(MODEL_CONFIGS["small"], stem_channels=(4, 8, 16, 32)).validate()

@@ -2,7 +2,7 @@
 
 import torch
 
-from RefSAM3DLib.checkpoint import load_sam_weights
+from RefSAM3DLib.model.sam_weights import load_sam_weights
 from RefSAM3DLib.model import build_model
 
 

@@ -166,7 +166,7 @@ def test_missing_file_and_unreachable_server_are_user_errors(server):
 
 
 def test_registry_names_the_official_sam_checkpoint():
-    entry = weights.REGISTRY["sam_vit_b"]
+    entry = weights.WEIGHT_FILES["sam_vit_b"]
     assert entry.filename == "sam_vit_b_01ec64.pth" and len(entry.sha256) == 64
     with pytest.raises(RefSAM3DError, match="Unknown weights"):
         weights.fetch("sam_vit_z")

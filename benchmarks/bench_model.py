@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from RefSAM3DLib.model import CONFIGS, build_model, parameter_report
+from RefSAM3DLib.model import MODEL_CONFIGS, build_model, parameter_report
 
 PROMPTS = ["liver", "spleen", "left kidney", "right kidney", "aorta", "pancreas", "stomach", "gallbladder"]
 
@@ -67,7 +67,7 @@ def bench(name: str, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(MODEL_CONFIGS), choices=list(MODEL_CONFIGS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()

@@ -33,12 +33,12 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from RefSAM3DLib.checkpoint import load_model  # noqa: E402
 from RefSAM3DLib.datasets import cases_from_path  # noqa: E402
 from RefSAM3DLib.evaluation import case_metrics, default_prompt  # noqa: E402
-from RefSAM3DLib.inference import model_name, model_version, resolve_device  # noqa: E402
+from RefSAM3DLib.inference import model_name, model_version, run_model  # noqa: E402
 from RefSAM3DLib.interactive import InteractiveSession  # noqa: E402
 from RefSAM3DLib.io import read_volume  # noqa: E402
+from RefSAM3DLib.run_options import RunOptions  # noqa: E402
 
 STAGES = ["text", "box_click", "click1", "click2", "click3"]
 # The structures whose Dice the issue bounds (text + box + one click >= 0.80 on average).
@@ -121,14 +121,15 @@ def main(argv=None) -> int:
              for c in cases_from_path(args.data)]
     if args.cases:
         cases = [c for c in cases if c.case_id in set(args.cases)]
-    model = load_model(args.model, device=str(resolve_device(args.device)))
+    options = RunOptions(device=args.device, model=args.model)
+    model = run_model(options)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
         image = read_volume(case.image_path, modality=case.modality, frame=case.frame)
         label = read_volume(case.label_path)
-        session = InteractiveSession(image, model=model, device=args.device)
+        session = InteractiveSession(image, model=model, options=options)
         spacing_kji = image.spacing_mm[::-1]
         for value, key in case.structures.items():
             if args.structures and key not in args.structures:

@@ -1,7 +1,7 @@
 """3D image encoder: SAM's ViT made volumetric with PETL adapters (paper section 3.2).
 
 Built by composition from ``segment_anything.modeling`` pieces so that the official SAM
-checkpoint's keys load into it (see ``RefSAM3DLib/checkpoint.py``):
+checkpoint's keys load into it (see ``sam_weights.py``):
 
 * patch embedding: frozen ``1 x k x k`` convolution (SAM's 2D kernel) followed by a trainable
   depth-wise ``k x 1 x 1`` convolution (paper 3.2.1);
@@ -47,7 +47,7 @@ class PatchEmbed3D(nn.Module):
     def __init__(self, patch_size: int, embed_dim: int) -> None:
         super().__init__()
         k = patch_size
-        # Frozen in the SAM-initialised config: SAM's 2D kernel, summed over RGB (see checkpoint.py).
+        # Frozen in the SAM-initialised config: SAM's 2D kernel, summed over RGB (see sam_weights.py).
         self.proj = nn.Conv3d(1, embed_dim, kernel_size=(1, k, k), stride=(1, k, k))
         # Trainable depth-wise k x 1 x 1; starts as the mean over the k slices of a patch.
         self.depth_proj = nn.Conv3d(embed_dim, embed_dim, kernel_size=(k, 1, 1), stride=(k, 1, 1), groups=embed_dim)

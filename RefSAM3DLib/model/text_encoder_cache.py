@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from ..atomic import atomic_write
+from ..vocabulary import STRUCTURES
 from .text_encoder import TextEmbeddings, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -42,8 +46,6 @@ def vocabulary_phrases(structure_keys: "list[str] | None" = None) -> list[str]:
     the whole vocabulary would be 8 MB); sentences ("perform liver segmentation") and other
     structures still reach the encoder.
     """
-    from ..vocabulary import STRUCTURES
-
     phrases: list[str] = []
     for key, structure in STRUCTURES.items():
         if structure_keys is None or key in structure_keys:
@@ -72,10 +74,6 @@ def write_text_embeddings(encoder: TextEncoder, path: "str | Path", identity: di
     One at a time, so that a phrase's answer does not depend on which others shared its batch.
     Written atomically.
     """
-    from safetensors.torch import save_file
-
-    from ..atomic import atomic_write
-
     phrases = list(phrases if phrases is not None else vocabulary_phrases())
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -95,8 +93,6 @@ def write_text_embeddings(encoder: TextEncoder, path: "str | Path", identity: di
 def read_text_embeddings(path: "str | Path", identity: dict[str, str]) -> dict[str, Entry] | None:
     """The cached answers by text, or None (logged) when the file is missing, damaged or was made
     by another encoder, context length or format."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         return None

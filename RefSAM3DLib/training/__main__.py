@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import RefSAM3DError
+from .config import load_config
+from .loop import train
+from .prepare import prepare
 
 
 def _steps(text: str):
@@ -34,24 +38,16 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint-every", type=int)
     args = parser.parse_args(argv)
 
-    from .config import load_config
-
     try:
         config = load_config(args.config)
         if args.output:
-            from pathlib import Path
-
             config["output"] = str(Path(args.output).resolve())
         for name in ("steps", "max_minutes", "batch_size", "num_workers", "validate_every", "checkpoint_every"):
             if getattr(args, name) is not None:
                 config["training"][name] = getattr(args, name)
         if args.command == "prepare":
-            from .prepare import prepare
-
             print(prepare(config))
             return 0
-        from .loop import train
-
         print(train(config, resume=args.resume, init=args.init, max_cases=args.max_cases, device=args.device))
         return 0
     except RefSAM3DError as error:

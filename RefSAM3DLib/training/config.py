@@ -10,13 +10,15 @@ on ``train_small.yaml``). See ``configs/train_small.yaml`` for a commented examp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 from ..errors import RefSAM3DError
+from ..model import get_config
 
-DEFAULTS = {
+TRAINING_DEFAULTS = {
     "model": "small",  # a registered config name, or {"base": name, <ModelConfig field>: value, ...}
     "output": "runs/train",
     "cache": None,  # default: <output>/cache
@@ -72,11 +74,11 @@ def load_config(source: dict | str | Path) -> dict:
     if not isinstance(raw, dict):
         raise RefSAM3DError("a training config must be a mapping of sections (model, datasets, training, ...)")
     raw = {k: v for k, v in raw.items() if not str(k).startswith("_")}  # a loaded config's own fields
-    unknown = set(raw) - set(DEFAULTS)
+    unknown = set(raw) - set(TRAINING_DEFAULTS)
     if unknown:
-        raise RefSAM3DError(f"unknown config sections {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        raise RefSAM3DError(f"unknown config sections {sorted(unknown)}; known: {sorted(TRAINING_DEFAULTS)}")
 
-    config = copy.deepcopy(DEFAULTS)
+    config = copy.deepcopy(TRAINING_DEFAULTS)
     for key, value in raw.items():
         if isinstance(config.get(key), dict) and isinstance(value, dict):
             unknown = set(value) - set(config[key]) if key in ("training", "prompts", "split", "interactive") else set()
@@ -154,11 +156,7 @@ def _read_with_base(path: Path, chain: tuple[Path, ...]) -> dict:
 
 
 def model_config(config: dict):
-    """The ModelConfig a training config names (a registry name, or a base name with overrides)."""
-    import dataclasses
-
-    from ..model import get_config
-
+    """The ModelConfig a training config names (a MODEL_CONFIGS name, or a base name with overrides)."""
     spec = config["model"]
     if isinstance(spec, dict):
         overrides = {k: v for k, v in spec.items() if k != "base"}

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..checkpoint import build_untrained, load_model, save_checkpoint
 from ..errors import RefSAM3DError
 from .cache import model_space, read_manifest
 from .config import load_config, model_config
@@ -154,8 +155,6 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
     Returns:
         the output folder.
     """
-    from ..checkpoint import build_untrained, load_model
-
     cfg = load_config(config)
     t = cfg["training"]
     rank, world = _init_distributed()
@@ -378,8 +377,6 @@ def _read_training_state(path: Path) -> dict:
 
 def _save_checkpoint_dir(model, directory: Path, metadata: dict, state: dict) -> None:
     """Write a complete checkpoint folder next to the old one, then swap: never half a checkpoint."""
-    from ..checkpoint import save_checkpoint
-
     fresh = directory.with_name(directory.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)
     save_checkpoint(model, fresh, metadata)
@@ -415,7 +412,7 @@ class _Log:
 
 def _plot(out: Path) -> None:
     """``curves.png``: training loss (raw and smoothed) and whole-volume validation Dice against step."""
-    import matplotlib
+    import matplotlib  # only this picture needs it; Agg first: a training machine has no display
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

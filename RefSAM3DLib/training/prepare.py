@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint import build_untrained
+from ..datasets import load_cases, split_by_patient
 from ..errors import RefSAM3DError
+from ..model import build_model
+from ..model.text_encoder import find_clip_weights, load_clip_text_weights
 from .cache import build_cache, model_space, read_manifest
 from .config import model_config as config_model
-from ..datasets import load_cases, split_by_patient
 from .prompts import PromptTable, build_prompt_table, phrasings_for
 
 PROMPT_TABLE = "prompts.safetensors"
@@ -68,9 +71,6 @@ def _table_phrasings(path: Path) -> dict[str, list[str]]:
 
 def frozen_text_encoder(model_config):
     """The config's frozen text encoder with its real weights, and the base-weight hashes to record."""
-    from ..checkpoint import build_untrained, find_clip_weights, load_clip_text_weights
-    from ..model import build_model
-
     if model_config.text_encoder == "clip":
         model = build_model(model_config)
         load_clip_text_weights(model, find_clip_weights())

@@ -21,11 +21,13 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import RefSAM3DError
 from ..model.text_encoder import TextEmbeddings, TextEncoder
+from ..vocabulary import STRUCTURES, training_phrasings
 
 
 def phrasings_for(structure_keys, modality_by_key: dict[str, set[str]] | None = None,
@@ -40,8 +42,6 @@ def phrasings_for(structure_keys, modality_by_key: dict[str, set[str]] | None = 
             (ribs and vertebrae have 30+ phrasings; the table must stay small enough to travel).
         seed: seed of that draw.
     """
-    from ..vocabulary import STRUCTURES, training_phrasings
-
     rng = random.Random(seed)
     table = {}
     for key in sorted(set(structure_keys)):
@@ -105,8 +105,6 @@ class PromptTable:
     """
 
     def __init__(self, path: Path | str) -> None:
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise RefSAM3DError(f"prompt table {path} not found; run 'python -m RefSAM3DLib.training prepare' first")
