@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from . import preprocess
+from .checkpoint import load_model
 from .errors import Cancelled, RefSAM3DError
-from .io import available_memory_bytes, guess_modality
 from .result import LabelResult, Segment
 from .sliding_window import LabelMapComposer, model_space_probabilities
 from .vocabulary import Prompt, parse_prompts
-from .volume import Volume
+from .volume import Volume, guess_modality
+from .volume_reader import available_memory_bytes
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -289,7 +290,5 @@ def model_version(model) -> str:
 
 def _as_model(model, device: torch.device):
     if model is None or isinstance(model, (str, os.PathLike)):
-        from .checkpoint import load_model
-
         model = load_model(model, device=str(device))
     return model.to(device).eval()

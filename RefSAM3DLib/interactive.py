@@ -25,11 +25,11 @@ from . import geometry, preprocess
 from .errors import RefSAM3DError
 from .inference import (_as_model, check_memory, check_overlap, count_windows, expand_prompts, input_modality,
                         mask_on_input, model_name, model_version, resolve_device, untrained_structure_warnings)
-from .io import available_memory_bytes
 from .model.prompt_encoder import NO_TEXT_PROMPT
 from .result import LabelResult, Segment
 from .sliding_window import blend_windows, windows_per_batch
 from .volume import Volume
+from .volume_reader import available_memory_bytes
 
 
 def pad_to_window(image_dhw: np.ndarray, window_size_vox: int) -> tuple[np.ndarray, np.ndarray]:

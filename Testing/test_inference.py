@@ -168,7 +168,7 @@ def test_masks_made_inside_each_structure_box_equal_those_made_on_the_whole_grid
     from scipy import ndimage
 
     from RefSAM3DLib.inference import mask_on_input, postprocess_mask
-    from RefSAM3DLib.io import read_volume
+    from RefSAM3DLib.volume_reader import read_volume
     from RefSAM3DLib.preprocess import from_model_space, labels_to_model_space, model_grid
     from RefSAM3DLib.sliding_window import LabelMapComposer
 
