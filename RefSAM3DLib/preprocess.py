@@ -170,8 +170,8 @@ def input_box(region_dhw: np.ndarray, grid: ModelGrid) -> InputBox | None:
 
 def _sub_grid(grid: Grid, box: InputBox) -> Grid:
     """The part of ``grid`` that ``box`` covers: same spacing and direction, moved origin."""
-    start_ijk = [float(part.start) for part in box[::-1]]
-    origin = (grid.ijk_to_lps @ [*start_ijk, 1.0])[:3]
+    start_ijk = np.array([part.start for part in box[::-1]], dtype=np.float64)
+    origin = np.asarray(grid.origin_lps) + grid.ijk_to_lps[:3, :3] @ start_ijk
     return dataclasses.replace(grid, size_ijk=tuple(part.stop - part.start for part in box[::-1]),
                                origin_lps=tuple(float(v) for v in origin))
 
