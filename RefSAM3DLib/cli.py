@@ -14,8 +14,11 @@ from pathlib import Path
 
 from .cli_process import done_line, error_line, progress_line, run_as_worker, sigterm_as_exit
 from .errors import Cancelled, RefSAM3DError
-from .io import LABELMAP_SUFFIXES, SEG_NRRD_SUFFIX, VOLUME_SUFFIXES
+from .overlay import write_overlay_png
+from .result_files import LABELMAP_SUFFIXES, SEG_NRRD_SUFFIX, check_output_path, output_files, write_result
 from .run_options import RunOptions, add_cli_arguments
+from .vocabulary import parse_prompts
+from .volume_reader import VOLUME_SUFFIXES, check_file_name, display_name, read_volume
 
 SEGMENT_EPILOG = """examples:
   refsam3d segment ct.nii.gz --prompt "perform liver segmentation" --output liver.nii.gz
@@ -198,23 +201,21 @@ def plan_outputs(inputs: list[Path], output: str, file_format: str, overlay: str
     the later would silently replace the earlier), an output that is an input, an existing file
     without --overwrite, a name ITK cannot take, and a folder that cannot be written.
     """
-    from . import io
-
     plan = [(path, target, overlay_path(overlay, path, len(inputs)))
             for path, target in zip(inputs, output_paths(inputs, output, file_format))]
     writer_of: dict[Path, int] = {}  # every file the run writes -> the plan entry writing it
     for number, (input_path, output_path, png) in enumerate(plan):
         try:
-            io.check_file_name(input_path)
+            check_file_name(input_path)
         except RefSAM3DError:
             continue  # fails alone when it is read (a batch goes on); its outputs are never written
-        for path in io.output_files(output_path) + ([png] if png else []):
-            io.check_output_path(path, overwrite, inputs)
+        for path in output_files(output_path) + ([png] if png else []):
+            check_output_path(path, overwrite, inputs)
             other = writer_of.setdefault(path.resolve(), number)
             if other != number:
                 raise RefSAM3DError(
-                    f"{io.display_name(plan[other][0])} and {io.display_name(input_path)} would both write "
-                    f"{io.display_name(path)}; give the inputs different names or segment them "
+                    f"{display_name(plan[other][0])} and {display_name(input_path)} would both write "
+                    f"{display_name(path)}; give the inputs different names or segment them "
                     "into separate --output folders."
                 )
     return plan
@@ -244,7 +245,7 @@ class ProgressReporter:
 
 
 def run_segment(args) -> int:
-    from . import io
+    # torch and MONAI come only with a run: `refsam3d --help` stays fast without them
     from .inference import resolve_device, run_model, segment
     from . import preprocess
     from .interactive import InteractiveSession, spatial_prompts_on_grid
@@ -267,11 +268,11 @@ def run_segment(args) -> int:
         if len(inputs) == 1:
             raise RefSAM3DError(str(error)) from error
         failures.append((input_path, str(error)))
-        print(f"refsam3d: {io.display_name(input_path)}: {error}", file=sys.stderr)
+        print(f"refsam3d: {display_name(input_path)}: {error}", file=sys.stderr)
 
     for input_path, output_path, png in plan:
         try:
-            volume = io.read_volume(input_path, modality=args.modality, frame=args.frame, series_uid=args.series_uid)
+            volume = read_volume(input_path, modality=args.modality, frame=args.frame, series_uid=args.series_uid)
         except RefSAM3DError as error:
             fail(input_path, error)
             continue
@@ -310,15 +311,13 @@ def run_segment(args) -> int:
     if len(inputs) > 1:
         print(f"\n{len(summary)} of {len(inputs)} volumes segmented, {len(failures)} failed.")
         for path, message in failures:
-            print(f"  failed: {io.display_name(path)}: {message}")
+            print(f"  failed: {display_name(path)}: {message}")
     return 1 if failures else 0
 
 
 def spatial_prompts(args) -> dict | None:
     """The ``InteractiveSession.segment`` arguments of --point/--negative-point/--box, or None
     without them; a text prompt is then required. Several text prompts with them are refused."""
-    from .vocabulary import parse_prompts
-
     if not (args.point or args.negative_point or args.box):
         if not args.prompt:
             raise RefSAM3DError("No prompt given: name a structure with --prompt, or place --point/--box.")
@@ -334,16 +333,13 @@ def spatial_prompts(args) -> dict | None:
 
 
 def write_outputs(result, output_path: Path, png: Path | None, overwrite: bool) -> None:
-    from . import io
-    from .overlay import write_overlay_png
-
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         if png is not None:
             png.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RefSAM3DError(f"Cannot create the output folder for {output_path} ({error.strerror}); choose a writable --output.") from None
-    io.write_result(result, output_path, overwrite=overwrite)
+    write_result(result, output_path, overwrite=overwrite)
     if png is not None:
         write_overlay_png(result, png, overwrite=overwrite)
 
@@ -357,7 +353,7 @@ def print_volumes(result, output_path: Path, quiet: bool = False) -> None:
 
 
 def run_info(args) -> int:
-    from .model.build import parameter_report
+    from .model.build import parameter_report  # the model package imports torch
 
     report = parameter_report(args.config)
     if args.json:
@@ -375,13 +371,13 @@ def run_info(args) -> int:
 
 def run_train(args) -> int:
     """``refsam3d train ...`` is ``python -m RefSAM3DLib.training train ...`` (one parser, one place)."""
-    from .training.__main__ import main as training_main
+    from .training.__main__ import main as training_main  # torch and MONAI
 
     return training_main(["train", *args.training_args])
 
 
 def run_evaluate(args) -> int:
-    from .evaluation import evaluate_command
+    from .evaluation import evaluate_command  # torch and MONAI
 
     report = evaluate_command(
         data=args.data,

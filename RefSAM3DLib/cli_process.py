@@ -455,7 +455,7 @@ class SegmentationJob:
         Raises :class:`Cancelled` after ``cancel()``, :class:`RefSAM3DError` with the child's
         one-line message when it failed.
         """
-        from .io import read_seg_nrrd
+        from .result_files import read_seg_nrrd
 
         return read_seg_nrrd(self.output_file(), reference=self.volume)
 

@@ -10,13 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-from . import io
 from .errors import RefSAM3DError
 from .evaluation import case_metrics
 from .inference import model_name, model_version, run_model, segment
 from .overlay import write_overlay_png
+from .result_files import write_result
 from .run_options import RunOptions
 from .volume import Volume
+from .volume_reader import read_volume
 
 SAMPLES = Path(__file__).parent / "samples"
 SAMPLE_CT = SAMPLES / "ts_example_ct_image.nii.gz"
@@ -40,18 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = RunOptions(device=args.device)
         model = run_model(options)
-        volume = io.read_volume(SAMPLE_CT, modality="CT")
+        volume = read_volume(SAMPLE_CT, modality="CT")
         print(f"Segmenting {SAMPLE_CT.name} {volume.shape_kji[::-1]} voxels with {model_name(model)} {model_version(model)} ...")
         result = segment(volume, PROMPTS, model=model, options=options)
         paths = [output / "ts_example_ct.nii.gz", output / "ts_example_ct.seg.nrrd", output / "ts_example_ct.png"]
-        io.write_result(result, paths[0], overwrite=True)
-        io.write_result(result, paths[1], overwrite=True)
+        write_result(result, paths[0], overwrite=True)
+        write_result(result, paths[1], overwrite=True)
         write_overlay_png(result, paths[2], overwrite=True)
     except RefSAM3DError as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 2
 
-    references = reference_masks(io.read_volume(SAMPLE_LABEL))
+    references = reference_masks(read_volume(SAMPLE_LABEL))
     print(f"\nDone in {result.elapsed_s:.1f} s.  Structure, volume, Dice of the label map against the bundled "
           "TotalSegmentator reference:")
     for number, seg in enumerate(result.segments, start=1):

@@ -15,18 +15,26 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
 import math
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import monai
 import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
+from .atomic import atomic_write
 from .datasets import Case, cases_from_path
 from .errors import RefSAM3DError
+from .inference import model_name, model_version, run_model, segment
+from .overlay import write_overlay_png
+from .result import LabelResult, Segment
 from .run_options import RunOptions
+from .vocabulary import lookup
+from .volume_reader import read_volume
 
 EMPTY_MASK_POLICY = (
     "Empty masks follow MONAI's documented behaviour: Dice (compute_dice, ignore_empty=False) is 1 "
@@ -53,9 +61,6 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Sequ
     Returns:
         ``{"dice", "nsd", "hd95_mm"}`` as floats; see the module docstring for empty masks.
     """
-    import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
-
     prediction = np.asarray(prediction)
     reference = np.asarray(reference)
     if prediction.shape != reference.shape:
@@ -86,16 +91,14 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Sequ
 
 def default_prompt(structure_key: str) -> str:
     """The prompt used for a structure when none is given: its display name ("Left kidney")."""
-    from .vocabulary import lookup
-
     structure = lookup(structure_key)
     return structure.name if structure is not None else structure_key.replace("_", " ")
 
 
 def _find_segment(result, key: str, prompt: str) -> int | None:
     """The label value (1-based segment number) that answers structure ``key``."""
-    for number, segment in enumerate(result.segments, start=1):
-        if (segment.structure is not None and segment.structure.key == key) or segment.prompt == prompt:
+    for number, answer in enumerate(result.segments, start=1):
+        if (answer.structure is not None and answer.structure.key == key) or answer.prompt == prompt:
             return number
     return None
 
@@ -122,12 +125,6 @@ def evaluate(model, dataset_cases: Iterable[Case], output_dir,
     Returns:
         The report rows (one per case and structure, columns ``CSV_COLUMNS``).
     """
-    from .inference import model_name, model_version, run_model, segment
-    from .io import read_volume
-    from .overlay import write_overlay_png
-    from .result import LabelResult, Segment
-    from .vocabulary import lookup
-
     cases = list(dataset_cases)
     if not cases:
         raise RefSAM3DError("No cases to evaluate; check --data (and --cases).")
@@ -249,10 +246,6 @@ def write_report(rows: list[dict], output_dir, tolerance_mm: float, model_name: 
         model_name: model name and version, for the report header.
         worst: ``(case, mean Dice, prediction PNG, reference PNG)`` of the worst cases.
     """
-    import monai
-
-    from .atomic import atomic_write
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = output_dir / "report.csv", output_dir / "report.md"

@@ -29,15 +29,21 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORTHONORMAL_TOLERANCE = 1e-4
 
 
+def ijk_to_ras_from_lps(ijk_to_lps: np.ndarray) -> np.ndarray:
+    """The IJK-to-RAS matrix of a grid given by its IJK-to-LPS matrix (a file's, ITK's)."""
+    return LPS_TO_RAS @ np.asarray(ijk_to_lps, dtype=np.float64)
+
+
+def ijk_to_lps_from_ras(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """The IJK-to-LPS matrix (a file's, ITK's) of a grid given by its IJK-to-RAS matrix."""
+    return LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)  # the flip is its own inverse
+
+
 def ijk_to_ras_from_sitk(image: sitk.Image) -> np.ndarray:
     """``(4, 4)`` float64 matrix from voxel index ``(i, j, k, 1)`` of a 3D image to RAS mm."""
     if image.GetDimension() != 3:
         raise RefSAM3DError(f"Expected a 3D image, got {image.GetDimension()} dimensions.")
-    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = direction @ np.diag(image.GetSpacing())
-    ijk_to_lps[:3, 3] = image.GetOrigin()
-    return LPS_TO_RAS @ ijk_to_lps
+    return Grid.of_image(image).ijk_to_ras
 
 
 def sitk_geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray) -> tuple[tuple, tuple, tuple]:
@@ -49,7 +55,7 @@ def sitk_geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray) -> tuple[tuple, tuple,
     matrix = np.asarray(ijk_to_ras, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0]):
         raise RefSAM3DError("ijk_to_ras must be a 4x4 affine matrix with last row (0, 0, 0, 1).")
-    ijk_to_lps = LPS_TO_RAS @ matrix
+    ijk_to_lps = ijk_to_lps_from_ras(matrix)
     linear = ijk_to_lps[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
     if not np.all(spacing > 0):
@@ -137,11 +143,15 @@ class Grid:
         return tuple(int(n) for n in reversed(self.size_ijk))
 
     @property
-    def ijk_to_ras(self) -> np.ndarray:
+    def ijk_to_lps(self) -> np.ndarray:
         ijk_to_lps = np.eye(4)
         ijk_to_lps[:3, :3] = np.reshape(self.direction, (3, 3)) @ np.diag(self.spacing_mm)
         ijk_to_lps[:3, 3] = self.origin_lps
-        return LPS_TO_RAS @ ijk_to_lps
+        return ijk_to_lps
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        return ijk_to_ras_from_lps(self.ijk_to_lps)
 
     def matches(self, other: "Grid", tolerance_mm: float = 1e-4) -> bool:
         """Same size and every voxel at the same place (corner voxels compared, in mm)."""

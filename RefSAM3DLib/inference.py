@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from . import preprocess
+from .checkpoint import load_model
 from .errors import Cancelled, RefSAM3DError
-from .io import available_memory_bytes
 from .result import LabelResult, Segment
 from .run_options import RunOptions, check_device
 from .sliding_window import LabelMapComposer, model_space_probabilities
 from .vocabulary import Prompt, parse_prompts
-from .volume import Volume
+from .volume import Volume, guess_modality
+from .volume_reader import available_memory_bytes
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -113,21 +114,6 @@ def check_memory(volume: Volume, model_shape_dhw: Sequence[int], n_prompts: int)
             f"{estimate / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is free; "
             "use fewer prompts per run or crop the volume."
         )
-
-
-def guess_modality(array: np.ndarray) -> str | None:
-    """``"CT"`` when the voxel values look like Hounsfield units, else ``None``.
-
-    The heuristic: the minimum lies in [-3100, -500] (air is -1000 HU; scanners pad outside the
-    field of view with -1024, -2048 or -3024) and the 99th percentile is at most 4000 (bone and
-    contrast stay below that). MR and PET values are rarely negative at all, so an MR is almost
-    never taken for a CT.
-    """
-    minimum = float(array.min())
-    if not -3100.0 <= minimum <= -500.0:
-        return None
-    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
-    return "CT" if float(np.percentile(sample, 99)) <= 4000.0 else None
 
 
 def decide_modality(volume: Volume) -> tuple[Volume, list[str]]:
@@ -292,7 +278,5 @@ def run_model(options: RunOptions, model=None):
     ``model_info.model_folder`` reads it). Every entry point gets its model here."""
     device = resolve_device(options.device)
     if model is None:
-        from .checkpoint import load_model
-
         model = load_model(options.model, device=device)
     return model.to(device).eval()

@@ -21,16 +21,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
 from . import geometry, preprocess
 from .errors import RefSAM3DError
 from .inference import (check_memory, count_windows, decide_modality, expand_prompts, mask_on_input, model_name,
                         model_version, resolve_device, run_model, untrained_structure_warnings)
-from .io import available_memory_bytes
 from .model.prompt_encoder import NO_TEXT_PROMPT
 from .result import LabelResult, Segment
 from .run_options import RunOptions
 from .sliding_window import blend_windows, windows_per_batch
 from .volume import Volume
+from .volume_reader import available_memory_bytes
 
 
 def pad_to_window(image_dhw: np.ndarray, window_size_vox: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import RefSAM3DError
-from .io import nrrd_header_fields, tag_value
+from .result_files import tag_value
 from .vocabulary import TERMINOLOGY_FILE
 from .volume import MODALITIES, Volume
+from .volume_reader import nrrd_header_fields
 
 __all__ = [
     "volume_from_node",
@@ -232,7 +233,7 @@ def result_to_segmentation_node(result, reference_volume_node, segmentation_node
     try:
         for segment in result.segments:
             name = _unique_segment_name(segmentation, segment.name)
-            # The same IDs and tags as io.write_seg_nrrd, so files saved from Slicer read back alike.
+            # The same IDs and tags as result_files.write_seg_nrrd, so files saved from Slicer read back alike.
             preferred_id = segment.structure.key if segment.structure is not None else name
             segment_id = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(preferred_id), name)
             vtk_segment = segmentation.GetSegment(segment_id)

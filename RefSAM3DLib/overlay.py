@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import RefSAM3DError
 from .result import LabelResult
 from .volume import Volume
@@ -93,7 +94,7 @@ _VIEW_LETTERS = {"Axial": ("A", "P", "R", "L"), "Coronal": ("S", "I", "R", "L"),
 
 def overlay_figure(result: LabelResult):
     """The three-view figure of ``result`` (a matplotlib ``Figure``, no pyplot state touched)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # only when drawing: `refsam3d --help` imports this module
     from matplotlib.patches import Patch
 
     volume = result.reference
@@ -153,8 +154,6 @@ def write_overlay_png(result: LabelResult, path, overwrite: bool = False) -> Pat
         path: the PNG file to write.
         overwrite: replace an existing file; otherwise an existing file is an error.
     """
-    from .atomic import atomic_write
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise RefSAM3DError(f"{path} already exists; choose another name or use --overwrite.")

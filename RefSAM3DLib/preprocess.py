@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from monai.transforms import ScaleIntensityRange
 
 from .errors import RefSAM3DError
-from .geometry import LPS_TO_RAS, Grid, resample, sitk_from_array
+from .geometry import Grid, ijk_to_lps_from_ras, resample, sitk_from_array
 from .volume import MODALITIES, Volume
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
@@ -79,7 +79,7 @@ def model_grid(volume: Volume, spacing_mm) -> ModelGrid:
     spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(3)
     if not np.all(spacing > 0):
         raise RefSAM3DError(f"Model spacing must be positive, got {tuple(spacing)} mm.")
-    ijk_to_lps = LPS_TO_RAS @ volume.ijk_to_ras
+    ijk_to_lps = ijk_to_lps_from_ras(volume.ijk_to_ras)
     k, j, i = volume.shape_kji
     corners = np.array([[a, b, c, 1.0] for a in (-0.5, i - 0.5) for b in (-0.5, j - 0.5)
                         for c in (-0.5, k - 0.5)]).T
@@ -171,8 +171,7 @@ def input_box(region_dhw: np.ndarray, grid: ModelGrid) -> InputBox | None:
 def _sub_grid(grid: Grid, box: InputBox) -> Grid:
     """The part of ``grid`` that ``box`` covers: same spacing and direction, moved origin."""
     start_ijk = np.array([part.start for part in box[::-1]], dtype=np.float64)
-    step = np.reshape(grid.direction, (3, 3)) @ np.diag(grid.spacing_mm)
-    origin = np.asarray(grid.origin_lps) + step @ start_ijk
+    origin = np.asarray(grid.origin_lps) + grid.ijk_to_lps[:3, :3] @ start_ijk
     return dataclasses.replace(grid, size_ijk=tuple(part.stop - part.start for part in box[::-1]),
                                origin_lps=tuple(float(v) for v in origin))
 

@@ -64,3 +64,18 @@ class Volume:
     @property
     def voxel_volume_ml(self) -> float:
         return float(abs(np.linalg.det(self.ijk_to_ras[:3, :3])) / 1000.0)
+
+
+def guess_modality(array: np.ndarray) -> str | None:
+    """``"CT"`` when the voxel values look like Hounsfield units, else ``None``.
+
+    The heuristic: the minimum lies in [-3100, -500] (air is -1000 HU; scanners pad outside the
+    field of view with -1024, -2048 or -3024) and the 99th percentile is at most 4000 (bone and
+    contrast stay below that). MR and PET values are rarely negative at all, so an MR is almost
+    never taken for a CT; an unknown modality is left to the caller's default.
+    """
+    minimum = float(array.min())
+    if not -3100.0 <= minimum <= -500.0:
+        return None
+    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
+    return "CT" if float(np.percentile(sample, 99)) <= 4000.0 else None

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from RefSAM3DLib import io
 from RefSAM3DLib.checkpoint import load_model
 from RefSAM3DLib.evaluation import case_metrics
 from RefSAM3DLib.inference import model_name, segment
 from RefSAM3DLib.model_info import BUNDLED_MODEL_DIR
 from RefSAM3DLib.run_options import RunOptions
+from RefSAM3DLib.volume_reader import read_volume
 from RefSAM3DLib.weights import sha256_file
 
 SAMPLES = Path(__file__).resolve().parents[1] / "RefSAM3DLib" / "samples"
@@ -47,8 +47,8 @@ def test_model_card_states_data_scores_and_that_it_is_not_a_medical_device():
 
 
 def test_bundled_model_segments_a_held_out_mri_with_sides_apart(bundled):
-    volume = io.read_volume(SAMPLES / "chaos_t2spir_01_image.nii.gz", modality="MR")
-    label = io.read_volume(SAMPLES / "chaos_t2spir_01_label.nii.gz")
+    volume = read_volume(SAMPLES / "chaos_t2spir_01_image.nii.gz", modality="MR")
+    label = read_volume(SAMPLES / "chaos_t2spir_01_label.nii.gz")
     values = {key: int(v) for v, key in json.loads((SAMPLES / "labelmaps.json").read_text())[
         "chaos_t2spir_01_label.nii.gz"].items()}
     keys = list(HELD_OUT_MR_DICE_FLOORS)

@@ -191,7 +191,7 @@ def test_worker_stops_and_removes_the_scan_when_its_parent_dies(small_volume, un
     parent_script = textwrap.dedent(f"""
         import time
         from RefSAM3DLib.cli_process import SegmentationJob
-        from RefSAM3DLib.io import read_volume
+        from RefSAM3DLib.volume_reader import read_volume
         from RefSAM3DLib.run_options import RunOptions
         job = SegmentationJob(read_volume({str(scan)!r}), ["liver"], RunOptions(device="cpu", model={str(untrained_model)!r}),
                               temp_root={str(jobs)!r})

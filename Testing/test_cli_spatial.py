@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from RefSAM3DLib.cli import main
-from RefSAM3DLib.io import read_volume
+from RefSAM3DLib.volume_reader import read_volume
 
 from test_cli import small_ct  # noqa: F401 -- the fixture: the bundled CT cropped to 40 slices
 

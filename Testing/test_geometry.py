@@ -6,8 +6,8 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from RefSAM3DLib.errors import RefSAM3DError
-from RefSAM3DLib.geometry import (LPS_TO_RAS, Grid, ijk_to_ras_from_sitk, resample,
-                                  sitk_from_array, volume_from_sitk)
+from RefSAM3DLib.geometry import (LPS_TO_RAS, Grid, ijk_to_lps_from_ras, ijk_to_ras_from_lps, ijk_to_ras_from_sitk,
+                                  resample, sitk_from_array, volume_from_sitk)
 
 
 def oblique_ijk_to_ras(spacing_mm=(0.7, 1.3, 4.0), flip_axis=1):
@@ -53,6 +53,11 @@ def test_lps_to_ras_flips_x_and_y_only():
     image = sitk.Image(2, 2, 2, sitk.sitkUInt8)
     image.SetOrigin((10.0, 20.0, 30.0))
     np.testing.assert_array_equal(ijk_to_ras_from_sitk(image)[:3, 3], (-10.0, -20.0, 30.0))
+    ijk_to_ras = oblique_ijk_to_ras()
+    ijk_to_lps = ijk_to_lps_from_ras(ijk_to_ras)
+    np.testing.assert_array_equal(ijk_to_lps[:2], -ijk_to_ras[:2])
+    np.testing.assert_array_equal(ijk_to_lps[2:], ijk_to_ras[2:])
+    np.testing.assert_array_equal(ijk_to_ras_from_lps(ijk_to_lps), ijk_to_ras)
 
 
 @pytest.mark.parametrize("bad_matrix, problem", [

@@ -171,7 +171,7 @@ def test_masks_made_inside_each_structure_box_equal_those_made_on_the_whole_grid
     from scipy import ndimage
 
     from RefSAM3DLib.inference import mask_on_input, postprocess_mask
-    from RefSAM3DLib.io import read_volume
+    from RefSAM3DLib.volume_reader import read_volume
     from RefSAM3DLib.preprocess import from_model_space, labels_to_model_space, model_grid
     from RefSAM3DLib.sliding_window import LabelMapComposer
 
@@ -211,7 +211,7 @@ def test_a_structure_that_never_reaches_the_threshold_gives_an_empty_mask_withou
 
 def test_modality_is_the_stated_one_else_ct_for_hounsfield_units_else_mr_with_a_warning(samples_dir):
     from RefSAM3DLib.inference import decide_modality
-    from RefSAM3DLib.io import read_volume
+    from RefSAM3DLib.volume_reader import read_volume
 
     ct = read_volume(samples_dir / "ts_example_ct_image.nii.gz")
     mr = read_volume(samples_dir / "ts_example_mr_sm_image.nii.gz")

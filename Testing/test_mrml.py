@@ -1,7 +1,7 @@
 """The MRML bridge against real Slicer core (slicer-core through trame-slicer), headless.
 
 A real CT is loaded into volume nodes, as is and as an oblique, flipped, anisotropic copy; the
-bridge must read the same voxels and geometry as ``io.read_volume``, and segments it writes must
+bridge must read the same voxels and geometry as ``read_volume``, and segments it writes must
 export back onto the input's grid voxel for voxel.
 
 Helpers for other tests: ``load_volume_node(app, path)``, ``segment_masks(segmentation_node,
@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from RefSAM3DLib import io, mrml
+from RefSAM3DLib import mrml
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.geometry import Grid, resample
 from RefSAM3DLib.result import LabelResult, Segment
+from RefSAM3DLib.result_files import read_seg_nrrd, write_seg_nrrd
 from RefSAM3DLib.vocabulary import lookup
+from RefSAM3DLib.volume_reader import read_volume
 
 CASE = "ts_example_ct"
 LIVER, SPLEEN = 5, 1  # values in the bundled label map (labelmaps.json)
@@ -122,7 +124,7 @@ def test_volume_from_node_reads_what_io_reads(slicer_app, case_files):
     node = load_volume_node(slicer_app, image_path)
 
     from_node = mrml.volume_from_node(node, modality="CT")
-    from_file = io.read_volume(image_path)
+    from_file = read_volume(image_path)
 
     _assert_same_image(from_node, from_file)
     if case_files[0].name.endswith(".nii.gz"):  # right-handed file: Slicer keeps the file's grid
@@ -164,7 +166,7 @@ def test_seg_nrrd_saved_by_slicer_reads_back_on_the_input_grid(slicer_app, case_
     storage.SetFileName(str(tmp_path / "saved.seg.nrrd"))
     assert storage.WriteData(segmentation_node)
 
-    read_back = io.read_seg_nrrd(tmp_path / "saved.seg.nrrd", reference=volume)
+    read_back = read_seg_nrrd(tmp_path / "saved.seg.nrrd", reference=volume)
     assert [s.name for s in read_back.segments] == [s.name for s in result.segments]
     for got, expected in zip(read_back.segments, result.segments):
         assert np.array_equal(got.mask, expected.mask)
@@ -284,7 +286,7 @@ def test_worker_file_imports_with_slicers_reader_onto_the_input_voxels(slicer_ap
     image_path, label_path = case_files
     node = load_volume_node(slicer_app, image_path)
     result = _reference_result(mrml.volume_from_node(node), label_path)
-    io.write_seg_nrrd(result, tmp_path / "worker.seg.nrrd")
+    write_seg_nrrd(result, tmp_path / "worker.seg.nrrd")
     nodes_before = slicer_app.scene.GetNumberOfNodes()
 
     segmentation_node, segment_ids = mrml.import_segmentation_file(tmp_path / "worker.seg.nrrd", node)
@@ -315,7 +317,7 @@ def test_imported_segments_follow_the_transform_and_clashing_names_get_a_suffix(
     transform_node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_world))
     node.SetAndObserveTransformNodeID(transform_node.GetID())
     result = _reference_result(mrml.volume_from_node(node), samples_dir / f"{CASE}_label.nii.gz")
-    io.write_seg_nrrd(result, tmp_path / "worker.seg.nrrd")
+    write_seg_nrrd(result, tmp_path / "worker.seg.nrrd")
 
     segmentation_node, first = mrml.import_segmentation_file(tmp_path / "worker.seg.nrrd", node)
     nodes_before = slicer_app.scene.GetNumberOfNodes()

@@ -8,7 +8,7 @@ from scipy.spatial.transform import Rotation
 
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.geometry import LPS_TO_RAS
-from RefSAM3DLib.io import read_volume
+from RefSAM3DLib.volume_reader import read_volume
 from RefSAM3DLib.preprocess import (IntensitySettings, from_model_space, labels_to_model_space,
                                     model_grid, to_model_space)
 from RefSAM3DLib.volume import Volume

@@ -303,13 +303,15 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_a
     import SimpleITK as sitk
     import torch
 
-    from RefSAM3DLib import io, mrml
+    from RefSAM3DLib import mrml
     from RefSAM3DLib.checkpoint import save_checkpoint
     from RefSAM3DLib.cli import main
     from RefSAM3DLib.inference import segment
     from RefSAM3DLib.model.build import build_model
+    from RefSAM3DLib.result_files import read_seg_nrrd
     from RefSAM3DLib.run_options import RunOptions
     from RefSAM3DLib.vocabulary import lookup
+    from RefSAM3DLib.volume_reader import read_volume
 
     image = sitk.ReadImage(str(ROOT / "RefSAM3DLib" / "samples" / "ts_example_ct_image.nii.gz"))
     input_path = tmp_path / "crop.nrrd"
@@ -320,7 +322,7 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_a
     model = build_model("small").eval()
     logits = []
     hook = model.mask_decoder.register_forward_hook(lambda module, inputs, output: logits.append(output.detach()))
-    segment(io.read_volume(input_path), ["liver"], model=model, options=RunOptions(device="cpu"))
+    segment(read_volume(input_path), ["liver"], model=model, options=RunOptions(device="cpu"))
     hook.remove()
     with torch.no_grad():
         model.mask_decoder.out_conv.bias -= torch.cat([x.flatten() for x in logits]).median()
@@ -335,7 +337,7 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_a
 
     assert main(["segment", str(input_path), "--prompt", "liver", "--prompt", "spleen", "--output",
                  str(tmp_path / "cli.seg.nrrd"), "--device", "cpu", "--model", str(model_dir)]) == 0
-    cli_result = io.read_seg_nrrd(tmp_path / "cli.seg.nrrd", reference=io.read_volume(input_path))
+    cli_result = read_seg_nrrd(tmp_path / "cli.seg.nrrd", reference=read_volume(input_path))
     segmentation = segmentation_node.GetSegmentation()
     names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
     assert names == [lookup("liver").name, lookup("spleen").name]

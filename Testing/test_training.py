@@ -130,7 +130,7 @@ def test_split_never_puts_one_patient_on_both_sides(samples_dir, tmp_path):
 
 
 def test_cache_holds_model_space_case_with_its_annotated_structures(samples_dir, tmp_path):
-    from RefSAM3DLib.io import read_volume
+    from RefSAM3DLib.volume_reader import read_volume
     from RefSAM3DLib.preprocess import IntensitySettings, labels_to_model_space, to_model_space
     from RefSAM3DLib.training.config import model_config
 

@@ -39,15 +39,15 @@ LARGE_SHAPE_IJK = (512, 512, 300)
 
 STAGES = [  # (label, module, attribute): every call of these is timed
     ("model + text-encoder loading", "RefSAM3DLib.checkpoint", "load_model"),
-    ("reading the volume", "RefSAM3DLib.io", "read_volume"),
+    ("reading the volume", "RefSAM3DLib.cli", "read_volume"),
     ("resampling to model space", "RefSAM3DLib.preprocess", "to_model_space"),
     ("text encoding", "RefSAM3DLib.model.refsam3d", "RefSAM3D.encode_prompts"),
     ("windows (network)", "RefSAM3DLib.inference", "model_space_probabilities"),
     ("resampling back to the input grid", "RefSAM3DLib.preprocess", "from_model_space"),
     ("threshold + post-processing", "RefSAM3DLib.inference", "postprocess_mask"),
     ("label map", "RefSAM3DLib.sliding_window", "LabelMapComposer.add"),
-    ("writer: label map + JSON", "RefSAM3DLib.io", "write_labelmap"),
-    ("writer: PNG overlay", "RefSAM3DLib.overlay", "write_overlay_png"),
+    ("writer: label map + JSON", "RefSAM3DLib.result_files", "write_labelmap"),
+    ("writer: PNG overlay", "RefSAM3DLib.cli", "write_overlay_png"),
 ]
 SEG_NRRD = "writer: seg.nrrd (after the run)"
 
@@ -67,7 +67,7 @@ def child(arguments: dict) -> None:
 
         torch.set_num_threads(arguments["threads"])
     # What `refsam3d segment` imports on its way (cli.run_segment's and inference's imports).
-    from RefSAM3DLib import checkpoint, cli, inference, io, overlay  # noqa: F401
+    from RefSAM3DLib import checkpoint, cli, inference, result_files  # noqa: F401
 
     seconds = {"imports": time.perf_counter() - started}
     results = []
@@ -108,7 +108,7 @@ def child(arguments: dict) -> None:
     in_run = time.perf_counter() - started
     run_peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the high-water mark so far: the CLI run's
     begin = time.perf_counter()
-    io.write_seg_nrrd(results[-1], out / "ct.seg.nrrd")
+    result_files.write_seg_nrrd(results[-1], out / "ct.seg.nrrd")
     seconds[SEG_NRRD] = time.perf_counter() - begin
 
     windows = _window_count(results[-1], arguments)

@@ -25,10 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from RefSAM3DLib import io  # noqa: E402
 from RefSAM3DLib.inference import run_model, segment  # noqa: E402
 from RefSAM3DLib.interactive import InteractiveSession  # noqa: E402
 from RefSAM3DLib.run_options import RunOptions  # noqa: E402
+from RefSAM3DLib.volume_reader import read_volume  # noqa: E402
 
 SAMPLE_CT = ROOT / "RefSAM3DLib" / "samples" / "ts_example_ct_image.nii.gz"
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    volume = io.read_volume(args.input, modality="CT")
+    volume = read_volume(args.input, modality="CT")
     options = RunOptions(device=args.device, model=args.model)
     model = run_model(options)
     centre = volume.ijk_to_ras @ np.append((np.array(volume.shape_kji[::-1]) - 1) / 2.0, 1.0)

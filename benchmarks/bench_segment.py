@@ -26,10 +26,11 @@ ROW_SCRIPT = r"""
 import json, sys, time, resource
 import numpy as np, torch
 sys.path.insert(0, {root!r})
-from RefSAM3DLib import io
 from RefSAM3DLib.inference import run_model, segment
 from RefSAM3DLib.run_options import RunOptions
+from RefSAM3DLib.volume_reader import read_volume
 from RefSAM3DLib.volume import Volume
+from RefSAM3DLib.volume_reader import read_volume
 args = json.loads(sys.argv[1])
 if args["input"] == "synthetic":
     rng = np.random.default_rng(0)
@@ -41,7 +42,7 @@ if args["input"] == "synthetic":
     affine = np.diag([-0.78, -0.78, 1.0, 1.0])
     volume = Volume(array, affine, modality="CT", name="synthetic 512x512x300")
 else:
-    volume = io.read_volume(args["input"], modality="CT")
+    volume = read_volume(args["input"], modality="CT")
 options = RunOptions(device=args["device"], model=args["model"])
 model = run_model(options)
 started = time.perf_counter()

@@ -37,8 +37,8 @@ from RefSAM3DLib.datasets import cases_from_path  # noqa: E402
 from RefSAM3DLib.evaluation import case_metrics, default_prompt  # noqa: E402
 from RefSAM3DLib.inference import model_name, model_version, run_model  # noqa: E402
 from RefSAM3DLib.interactive import InteractiveSession  # noqa: E402
-from RefSAM3DLib.io import read_volume  # noqa: E402
 from RefSAM3DLib.run_options import RunOptions  # noqa: E402
+from RefSAM3DLib.volume_reader import read_volume  # noqa: E402
 
 STAGES = ["text", "box_click", "click1", "click2", "click3"]
 # The structures whose Dice the issue bounds (text + box + one click >= 0.80 on average).
@@ -89,19 +89,17 @@ def refine_structure(session: InteractiveSession, prompt: str, reference: np.nda
     results["text"] = case_metrics(mask, reference, spacing_kji)
     box = bounding_box_ras(reference, ijk_to_ras)
     clicks_kji, labels = [most_interior_voxel(reference)], [1]
-    for stage in STAGES[1:]:
+    for previous, stage in zip(STAGES, STAGES[1:]):
         if stage != "box_click":
             click = largest_error_click(mask, reference)
-            if click is None:  # already exact: further stages keep the answer
+            if click is None:  # already exact: the user stops clicking
                 results[stage] = results[previous]
-                previous = stage
                 continue
             clicks_kji.append(click[0])
             labels.append(click[1])
         answer = session.segment(prompt, points_ras=kji_to_ras(clicks_kji, ijk_to_ras), point_labels=labels, box_ras=box)
         mask = answer.segments[0].mask.astype(bool)
         results[stage] = case_metrics(mask, reference, spacing_kji)
-        previous = stage
     return results
 
 

@@ -73,7 +73,7 @@ def render_views(ct_path: Path, segmentation_path: Path) -> tuple[list[tuple[str
     from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
 
     from RefSAM3DLib import mrml
-    from RefSAM3DLib.io import nrrd_header_fields
+    from RefSAM3DLib.volume_reader import nrrd_header_fields
 
     app = SlicerApp()
     app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))

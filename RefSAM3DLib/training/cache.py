@@ -105,9 +105,9 @@ def build_cache(cases: list[Case], splits: dict[str, str], model_config, cache_d
 
 def preprocess_case(case: Case, model_config, path: Path) -> list[str]:
     """Read, resample, normalise, crop and save one case; returns its annotated structure keys."""
-    # Only building the cache reads volumes: SimpleITK (io, preprocess) is not needed, nor
-    # installed, where training runs from the cache alone (scripts/gpu_train.sh).
-    from ..io import read_volume
+    # Only building the cache reads volumes: SimpleITK (volume_reader, preprocess) is not needed,
+    # nor installed, where training runs from the cache alone (scripts/gpu_train.sh).
+    from ..volume_reader import read_volume
     from ..preprocess import IntensitySettings, labels_to_model_space, to_model_space
 
     volume = read_volume(case.image_path, modality=case.modality, frame=case.frame)
