@@ -238,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         protocol.write(f"{PROGRESS_PREFIX}{fraction:.4f} {_one_line(message)}\n")
 
     requests: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_read_requests, args=(requests, folder), daemon=True, name="refsam3d-requests").start()
     terminated = threading.Event()
     try:
         with sigterm_as_exit(terminated):
+            # Started once SIGTERM has our handler: the reader's interrupt at end-of-file is lost without one.
+            threading.Thread(target=_read_requests, args=(requests, folder), daemon=True,
+                             name="refsam3d-requests").start()
             try:
                 if args.threads:
                     torch.set_num_threads(args.threads)
