@@ -249,7 +249,7 @@ class ChildProcess:
             self.command,
             env=self.env,
             cwd=self.cwd,
-            stdin=subprocess.PIPE,  # never written: its end-of-file tells the child that we died
+            stdin=subprocess.PIPE,  # its end-of-file tells the child that we died (a server also reads requests)
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -329,6 +329,14 @@ class ChildProcess:
             # Even after the leader exits, its workers may linger in the group.
             self._kill_group(signal.SIGKILL)
         self._process.wait()
+
+    def send(self, line: str) -> None:
+        """Write one line to the child's stdin (a server's request). OSError when the child is gone."""
+        try:
+            self._process.stdin.write(line + "\n")
+            self._process.stdin.flush()
+        except ValueError:  # our end was closed already (close, cancel)
+            raise BrokenPipeError("the child's stdin is closed") from None
 
     def close(self) -> None:
         """Let go of the child's stdin once it is no longer needed (a finished or cancelled child)."""

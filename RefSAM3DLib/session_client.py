@@ -1,0 +1,232 @@
+"""Slicer's side of the warm worker (:mod:`RefSAM3DLib.session_server`): torch-free.
+
+One server process keeps the model loaded and the open volume's features cached, so a second
+prompt or a click on the same volume costs a decoding, not a model load and an encoding::
+
+    with SessionClient(device="auto") as client:
+        client.open(client.write_volume(volume))              # encodes once
+        liver = client.segment("liver")                        # {"output": ".../segment-1.seg.nrrd", ...}
+        fixed = client.segment("liver", points_ras=[(60, -20, 110)], point_labels=[0])
+
+From a GUI: :meth:`send` returns a request id at once; a timer calls :meth:`poll` (progress
+events) and :meth:`reply` (the reply dict once it came, else None); no thread of ours touches the
+GUI. :meth:`cancel` ends the server's whole process tree (the cache goes with it); :meth:`close`
+ends it and removes the temporary folder in every case. A server that died is reported as a
+:class:`RefSAM3DError` naming its last words, for every request still waiting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .cli_process import TEMP_PREFIX, ChildProcess, Event, library_environment
+from .errors import Cancelled, RefSAM3DError
+
+if TYPE_CHECKING:
+    from .volume import Volume
+
+READY_ID = 0
+"""The id of the server's unasked first reply (model loaded)."""
+_CLOSE_GRACE_S = 10.0
+
+
+class SessionClient:
+    """One warm worker: start it, send requests, read replies.
+
+    Args:
+        model: bundled model name or checkpoint folder; None for the bundled default.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        python: the interpreter that runs the server (default: this one). In Slicer: ``PythonSlicer``.
+        base_env: the environment to start from (default: ``os.environ``).
+        threads: torch CPU threads in the server (default: torch's choice).
+        temp_root: where the temporary folder goes (default: the system's).
+    """
+
+    def __init__(self, model: str | None = None, device: str = "auto", python: str | None = None,
+                 base_env: dict | None = None, threads: int | None = None, temp_root: str | Path | None = None):
+        self.model = model
+        self.device = device
+        self.python = python
+        self.base_env = base_env
+        self.threads = threads
+        self.temp_root = temp_root
+        self.folder: Path | None = None
+        self.process: ChildProcess | None = None
+        self.log_lines: list[str] = []
+        self.ready: dict | None = None
+        """The server's first reply: ``model``, ``model_version``, ``device`` (or its ``error``)."""
+        self._replies: dict = {}
+        self._ids = itertools.count(READY_ID + 1)
+        self._volumes = itertools.count(1)
+        self._volume_file: Path | None = None
+
+    def __enter__(self) -> "SessionClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def start(self) -> int:
+        """Launch the server; returns at once with the id of its ready reply (the model loaded)."""
+        if self.process is not None:
+            raise RefSAM3DError("This session was started already; make a new SessionClient for another.")
+        self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.temp_root))
+        command = [self.python or sys.executable, "-m", "RefSAM3DLib.session_server", f"--device={self.device}",
+                   f"--folder={self.folder}"]
+        if self.model:
+            command.append(f"--model={self.model}")
+        if self.threads:
+            command.append(f"--threads={self.threads}")
+        self.process = ChildProcess(command, env=library_environment(self.base_env), cwd=self.folder)
+        self.process.start()
+        return READY_ID
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    # ---- non-blocking: for a GUI timer --------------------------------------------------------
+
+    def send(self, op: str, **fields) -> int:
+        """Send one request; returns its id at once (the server answers requests in order)."""
+        if self.process is None:
+            self.start()
+        self._check_usable(self.process.returncode is not None)
+        request_id = next(self._ids)
+        try:
+            self.process.send(json.dumps({"id": request_id, "op": op, **fields}))
+        except OSError:
+            raise RefSAM3DError(self._death_message()) from None
+        return request_id
+
+    def poll(self) -> list[Event]:
+        """Every event since the last call, never blocking: ``progress`` (``fraction``, ``text``),
+        ``reply`` (``text`` the JSON line; the reply itself through :meth:`reply`) and log lines."""
+        events = []
+        for event in self.process.poll() if self.process is not None else []:
+            if event.kind == "log" and event.text.startswith("{"):
+                try:
+                    reply = json.loads(event.text)
+                except json.JSONDecodeError:
+                    reply = None
+                if isinstance(reply, dict) and "id" in reply:
+                    self._replies[reply["id"]] = reply
+                    if reply["id"] == READY_ID:
+                        self.ready = reply
+                    event = Event("reply", event.text)
+            if event.kind in ("log", "error_log"):
+                self.log_lines.append(event.text)
+            events.append(event)
+        return events
+
+    def reply(self, request_id: int) -> dict | None:
+        """The reply to ``request_id`` once it came (None before); RefSAM3DError for an error reply
+        or a server that stopped without answering, Cancelled after :meth:`cancel`."""
+        finished = self.process is not None and self.process.finished  # before draining: nothing can follow
+        self.poll()
+        if request_id in self._replies:
+            reply = self._replies.pop(request_id)
+            if not reply.get("ok"):
+                raise RefSAM3DError(reply.get("error") or "The worker refused the request without a reason; see its log.")
+            return reply
+        self._check_usable(finished)
+        return None
+
+    # ---- blocking: scripts and tests ----------------------------------------------------------
+
+    def wait(self, request_id: int, progress=None, timeout_s: float | None = None, poll_interval_s: float = 0.05) -> dict:
+        """Block until the reply to ``request_id``, calling ``progress(fraction, message)``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            for event in self.poll():
+                if event.kind == "progress" and progress is not None:
+                    progress(event.fraction, event.text)
+            reply = self.reply(request_id)
+            if reply is not None:
+                return reply
+            if deadline is not None and time.monotonic() > deadline:
+                raise RefSAM3DError(f"The worker did not answer within {timeout_s:.0f} s; cancel and start a new session.")
+            time.sleep(poll_interval_s)
+
+    def request(self, op: str, progress=None, **fields) -> dict:
+        return self.wait(self.send(op, **fields), progress)
+
+    def write_volume(self, volume: "Volume") -> Path:
+        """Copy ``volume`` into the session's folder for :meth:`open` (uncompressed: it is read once,
+        at once); the previous copy goes, so that one scan at most lies on disk."""
+        import SimpleITK as sitk
+
+        from .geometry import sitk_from_volume
+
+        if self.process is None:
+            self.start()
+        path = self.folder / f"volume-{next(self._volumes)}.nrrd"
+        sitk.WriteImage(sitk_from_volume(volume), str(path), False)
+        if self._volume_file is not None:
+            self._volume_file.unlink(missing_ok=True)
+        self._volume_file = path
+        return path
+
+    def open(self, path: str | Path, modality: str | None = None, frame: int | None = None,
+             overlap: float = 0.25, progress=None) -> dict:
+        """Open (and encode) a volume file; the same unchanged file again is answered from the cache."""
+        # Absolute: the server's working folder is the session's, not ours.
+        return self.request("open", progress, path=str(Path(path).expanduser().absolute()), modality=modality, frame=frame, overlap=overlap)
+
+    def segment(self, prompt: str | None = None, points_ras=(), point_labels=None, box_ras=None,
+                output: str | Path | None = None, progress=None, **options) -> dict:
+        """One structure from the cache (see ``InteractiveSession.segment``); ``options``:
+        ``threshold``, ``largest_component``, ``fill_holes``, ``overwrite``. The reply's ``output``
+        is the .seg.nrrd (default: in the session's folder, removed by :meth:`close`)."""
+        return self.request("segment", progress, prompt=prompt, points_ras=[list(map(float, p)) for p in points_ras],
+                            point_labels=None if point_labels is None else [int(v) for v in point_labels],
+                            box_ras=None if box_ras is None else [float(v) for v in box_ras],
+                            output=None if output is None else str(Path(output).expanduser().absolute()), **options)
+
+    def close_volume(self) -> dict:
+        """Drop the open volume's cache (the model stays loaded)."""
+        return self.request("close")
+
+    # ---- ending -------------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """End the server and everything it started now (a running encoding included)."""
+        if self.process is not None:
+            self.process.cancel()
+
+    def close(self) -> None:
+        """End the server (end-of-file on its stdin; killed if it does not stop) and remove the folder."""
+        if self.process is not None:
+            self.process.close()
+            deadline = time.monotonic() + _CLOSE_GRACE_S
+            while self.process.returncode is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.process.returncode is None:
+                self.process.cancel()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _check_usable(self, exited: bool) -> None:
+        if self.process.cancelled:
+            raise Cancelled("The session was cancelled; start a new one.")
+        if exited:
+            raise RefSAM3DError(self._death_message())
+
+    def _death_message(self) -> str:
+        if self.ready is not None and not self.ready.get("ok"):
+            return self.ready.get("error", "")
+        last = next((line for line in reversed(self.process.stderr_lines) if line.strip()), "")
+        status = self.process.returncode
+        return (f"The RefSAM3D worker stopped (exit status {status})"
+                + (f": {last.strip()}" if last else "") + "; start a new session.")
