@@ -46,7 +46,7 @@ def centre_ras(volume) -> np.ndarray:
 def client(tmp_path_factory):
     with SessionClient(device="cpu", threads=1, temp_root=tmp_path_factory.mktemp("sessions")) as client:
         ready = client.wait(client.start(), timeout_s=STARTUP_S)
-        assert ready["model"] == "refsam3d-small-v3" and ready["device"] == "cpu"
+        assert ready["model"] == "refsam3d-small-v4" and ready["device"] == "cpu"
         yield client
 
 
@@ -61,7 +61,7 @@ def test_one_encoding_answers_two_text_prompts(client, crop_path, volume):
         result = read_seg_nrrd(reply["output"], reference=volume)
         assert [s.structure.key for s in result.segments] == [prompt]
         assert result.segments[0].mask.shape == volume.shape_kji
-        assert result.model_name == "refsam3d-small-v3"
+        assert result.model_name == "refsam3d-small-v4"
 
 
 def test_a_gesture_equals_the_session_run_in_process(client, crop_path, volume):
