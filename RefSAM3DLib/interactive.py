@@ -34,6 +34,10 @@ from .volume import Volume
 from .volume_reader import available_memory_bytes
 
 
+BOX_MARGIN = 0.1
+"""How far beyond a box (a fraction of its extent per side) a structure may still reach."""
+
+
 def pad_to_window(image_dhw: np.ndarray, window_size_vox: int) -> tuple[np.ndarray, np.ndarray]:
     """Pad each axis shorter than a window up to it, as MONAI's sliding window would (zeros, the
     shortfall split ``half`` before and the rest after), so that window slices need no shift.
@@ -54,6 +58,23 @@ def spatial_prompts_on_grid(volume: Volume, grid, points_ras, box_ras) -> tuple[
     points_dhw = geometry.ras_points_to_dhw(np.asarray(points_ras, dtype=np.float64).reshape(-1, 3), volume, grid)
     box_dhw = None if box_ras is None else geometry.box_ras_to_dhw(box_ras, volume, grid)
     return points_dhw, box_dhw
+
+
+def inside_box(probabilities_dhw: torch.Tensor, box_dhw: np.ndarray, margin: float = BOX_MARGIN) -> torch.Tensor:
+    """``probabilities_dhw`` (D, H, W) with everything outside the box ``(d0, h0, w0, d1, h1, w1)``
+    (model-space voxels), grown by ``margin`` of its extent on each side (at least 2 voxels), set to 0.
+
+    A box says where the structure is, as SAM's box prompt does: windows the box misses would
+    otherwise answer from the text alone and keep whatever the text found far away. The margin
+    forgives a box drawn a little tight."""
+    low, high = np.asarray(box_dhw[:3], dtype=np.float64), np.asarray(box_dhw[3:], dtype=np.float64)
+    grow = np.maximum(margin * (high - low + 1.0), 2.0)
+    start = np.maximum(np.floor(low - grow), 0).astype(int)
+    stop = np.minimum(np.ceil(high + grow) + 1, probabilities_dhw.shape).astype(int)
+    kept = torch.zeros_like(probabilities_dhw)
+    region = tuple(slice(a, b) for a, b in zip(start, stop))
+    kept[region] = probabilities_dhw[region]
+    return kept
 
 
 def check_cache_memory(shape_dhw, config, overlap: float, device: torch.device) -> None:
@@ -171,9 +192,9 @@ class InteractiveSession:
             warnings.append("This model was not trained with points or boxes: they are passed to it, "
                             "but its answer to them is unreliable.")
         # RAS -> model-space voxels -> the padded array the windows are cut from.
-        points_dhw, box_dhw = spatial_prompts_on_grid(self.volume, self.grid.model, points_ras, box_ras)
+        points_dhw, box_model_dhw = spatial_prompts_on_grid(self.volume, self.grid.model, points_ras, box_ras)
         points_dhw = points_dhw + self.pad_before
-        box_dhw = None if box_dhw is None else box_dhw + np.tile(self.pad_before, 2)
+        box_dhw = None if box_model_dhw is None else box_model_dhw + np.tile(self.pad_before, 2)
         with torch.no_grad():
             embeddings = self.model.encode_prompts([text])
 
@@ -190,6 +211,8 @@ class InteractiveSession:
         d, h, w = self.pad_before
         probabilities = probabilities[d:d + self.model_shape_dhw[0], h:h + self.model_shape_dhw[1],
                                       w:w + self.model_shape_dhw[2]]
+        if box_model_dhw is not None:
+            probabilities = inside_box(probabilities, box_model_dhw)
         mask, _, _ = mask_on_input(probabilities.numpy(), self.grid, self.options)
         structure = parsed.structure if parsed is not None else None
         return LabelResult(

@@ -87,6 +87,22 @@ def test_without_text_windows_the_gesture_misses_contribute_nothing(session):
     assert not far_corner.any()
 
 
+def test_a_box_keeps_the_structure_inside_it(tiny, oblique_ct):
+    # A threshold this low makes the text alone answer nearly everywhere: the box must cut it back.
+    anything = InteractiveSession(oblique_ct, model=tiny, options=RunOptions(device="cpu", threshold=1e-6))
+    half = np.array([4.0, 5.0, 3.0])
+    box = np.concatenate([centre_ras(oblique_ct) - half, centre_ras(oblique_ct) + half])
+    kji = np.argwhere(anything.segment("liver").segments[0].mask)
+    boxed = np.argwhere(anything.segment("liver", box_ras=box).segments[0].mask)
+    ras = lambda voxels: (oblique_ct.ijk_to_ras @ np.c_[voxels[:, ::-1], np.ones(len(voxels))].T).T[:, :3]  # noqa: E731
+    # The box grown by its margin (10 % or 2 model voxels of 1 mm per side), plus one input voxel
+    # of resampling (the oblique grid's largest spacing), in RAS mm.
+    reach = np.maximum(0.1 * 2 * half, 2.0) + np.max(oblique_ct.spacing_mm)
+    outside = lambda points: np.any(np.abs(points - centre_ras(oblique_ct)) > half + reach, axis=1)  # noqa: E731
+    assert outside(ras(kji)).any(), "the text alone must reach beyond the box for this test to mean anything"
+    assert len(boxed) > 0 and not outside(ras(boxed)).any()
+
+
 def test_wrong_requests_are_clear_errors(session):
     with pytest.raises(RefSAM3DError, match="give a text prompt, points or a box"):
         session.segment(None)
