@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, and the model package built the segment_anything way.
+"""The package's import graph: no cycles, no import of a higher layer (docs/ARCHITECTURE.md), and the
+model package built the segment_anything way.
 
 Every module of ``RefSAM3DLib`` is parsed with ``ast`` (nothing is imported), and each of its
 imports of the package -- at module level and inside functions alike -- becomes an edge:
@@ -9,6 +10,7 @@ to ``x``) and ``import RefSAM3DLib.x``.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = "RefSAM3DLib"
@@ -108,6 +110,33 @@ def test_the_package_has_no_import_cycle():
     assert f"{PACKAGE}.model.build" in graph and len(graph) > 30  # the walk saw the package
     cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(_describe(cycle, graph) for cycle in cycles)
+
+
+def _documented_layers() -> dict[str, int]:
+    """module (``model``/``training`` for their packages) -> layer, from docs/ARCHITECTURE.md."""
+    text = (ROOT.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    layers = {}
+    for match in re.finditer(r"^\| (\d) \| [^|]+ \| (.+) \|$", text, flags=re.MULTILINE):
+        for name in re.findall(r"`([a-z_]+)/?`", match.group(2)):
+            layers[name] = int(match.group(1))
+    return layers
+
+
+def _unit(module: str) -> str:
+    """The layer table's name for a module: its first name below the package."""
+    return module.split(".")[1] if "." in module else module
+
+
+def test_every_import_goes_to_the_same_or_a_lower_documented_layer():
+    layers = _documented_layers()
+    graph = import_graph()
+    units = {_unit(module) for module in graph if module != PACKAGE}
+    assert units == set(layers), f"docs/ARCHITECTURE.md's layer table differs from the package: {units ^ set(layers)}"
+    layers[PACKAGE] = 0  # the package's __init__ holds only __version__
+    upward = [f"{module} (layer {layers[_unit(module)]}) line {line} imports {target} (layer {layers[_unit(target)]})"
+              for module, targets in graph.items() if module != PACKAGE
+              for target, line in targets.items() if layers[_unit(target)] > layers[_unit(module)]]
+    assert not upward, "\n".join(upward)
 
 
 def test_only_the_model_package_itself_imports_the_builder():
