@@ -178,6 +178,29 @@ def sigterm_as_exit(received: threading.Event | None = None):
         signal.signal(signal.SIGTERM, previous)
 
 
+def watch_parent(folder: Path, on_line=None, on_gone=None) -> None:
+    """Read stdin, which only the parent holds, handing each line to ``on_line`` (if given), until
+    end-of-file: the parent closed it, exited or was killed. Then call ``on_gone``, stop the main
+    thread as SIGTERM would, and if it is stuck in one long call, remove ``folder`` and end the
+    process with ``128 + SIGTERM``. Run it in a daemon thread.
+    """
+    pending = b""
+    # os.read, not sys.stdin: a thread blocked inside the buffered reader holds its lock, and the
+    # interpreter aborts when it finds it held at exit.
+    with contextlib.suppress(OSError, ValueError):
+        while chunk := os.read(sys.stdin.fileno(), 1 << 16):
+            if on_line is not None:
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    on_line(line.decode("utf-8", "replace"))
+    if on_gone is not None:
+        on_gone()
+    _thread.interrupt_main(signal.SIGTERM)
+    time.sleep(_ORPHAN_GRACE_S)
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(128 + signal.SIGTERM)
+
+
 def run_as_worker(folder: str | Path, body) -> int:
     """Run ``body()`` (the segment command) as the child of a :class:`SegmentationJob`.
 
@@ -194,19 +217,8 @@ def run_as_worker(folder: str | Path, body) -> int:
     parent_gone = threading.Event()
     terminated = threading.Event()
 
-    def watch_parent() -> None:
-        # os.read, not sys.stdin: a thread blocked inside the buffered reader holds its lock, and
-        # the interpreter aborts when it finds it held at exit.
-        with contextlib.suppress(OSError, ValueError):
-            while os.read(sys.stdin.fileno(), 4096):
-                pass
-        parent_gone.set()
-        _thread.interrupt_main(signal.SIGTERM)
-        time.sleep(_ORPHAN_GRACE_S)
-        shutil.rmtree(folder, ignore_errors=True)
-        os._exit(128 + signal.SIGTERM)
-
-    threading.Thread(target=watch_parent, daemon=True, name="refsam3d-parent-watch").start()
+    threading.Thread(target=watch_parent, args=(folder,), kwargs={"on_gone": parent_gone.set}, daemon=True,
+                     name="refsam3d-parent-watch").start()
     status = 1
     try:
         with sigterm_as_exit(terminated):

@@ -3,7 +3,7 @@
 One server process keeps the model loaded and the open volume's features cached, so a second
 prompt or a click on the same volume costs a decoding, not a model load and an encoding::
 
-    with SessionClient(device="auto") as client:
+    with SessionClient(RunOptions(device="auto")) as client:
         client.open(client.write_volume(volume))              # encodes once
         liver = client.segment("liver")                        # {"output": ".../segment-1.seg.nrrd", ...}
         fixed = client.segment("liver", points_ras=[(60, -20, 110)], point_labels=[0])
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from .cli_process import TEMP_PREFIX, ChildProcess, Event, library_environment
 from .errors import Cancelled, RefSAM3DError
+from .run_options import RunOptions
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -41,18 +42,17 @@ class SessionClient:
     """One warm worker: start it, send requests, read replies.
 
     Args:
-        model: bundled model name or checkpoint folder; None for the bundled default.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        options: the server's run options: the model and its device, and the defaults (overlap,
+            threshold, post-processing) of every request.
         python: the interpreter that runs the server (default: this one). In Slicer: ``PythonSlicer``.
         base_env: the environment to start from (default: ``os.environ``).
         threads: torch CPU threads in the server (default: torch's choice).
         temp_root: where the temporary folder goes (default: the system's).
     """
 
-    def __init__(self, model: str | None = None, device: str = "auto", python: str | None = None,
-                 base_env: dict | None = None, threads: int | None = None, temp_root: str | Path | None = None):
-        self.model = model
-        self.device = device
+    def __init__(self, options: RunOptions = RunOptions(), python: str | None = None, base_env: dict | None = None,
+                 threads: int | None = None, temp_root: str | Path | None = None):
+        self.options = options
         self.python = python
         self.base_env = base_env
         self.threads = threads
@@ -78,10 +78,8 @@ class SessionClient:
         if self.process is not None:
             raise RefSAM3DError("This session was started already; make a new SessionClient for another.")
         self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.temp_root))
-        command = [self.python or sys.executable, "-m", "RefSAM3DLib.session_server", f"--device={self.device}",
+        command = [self.python or sys.executable, "-m", "RefSAM3DLib.session_server", *self.options.to_cli_args(),
                    f"--folder={self.folder}"]
-        if self.model:
-            command.append(f"--model={self.model}")
         if self.threads:
             command.append(f"--threads={self.threads}")
         self.process = ChildProcess(command, env=library_environment(self.base_env), cwd=self.folder)
@@ -179,15 +177,17 @@ class SessionClient:
         return path
 
     def open(self, path: str | Path, modality: str | None = None, frame: int | None = None,
-             overlap: float = 0.25, progress=None) -> dict:
-        """Open (and encode) a volume file; the same unchanged file again is answered from the cache."""
+             overlap: float | None = None, progress=None) -> dict:
+        """Open (and encode) a volume file; the same unchanged file again is answered from the cache.
+        ``overlap`` None: the session's ``options.overlap``."""
         # Absolute: the server's working folder is the session's, not ours.
         return self.request("open", progress, path=str(Path(path).expanduser().absolute()), modality=modality, frame=frame, overlap=overlap)
 
     def segment(self, prompt: str | None = None, points_ras=(), point_labels=None, box_ras=None,
                 output: str | Path | None = None, progress=None, **options) -> dict:
         """One structure from the cache (see ``InteractiveSession.segment``); ``options``:
-        ``threshold``, ``largest_component``, ``fill_holes``, ``overwrite``. The reply's ``output``
+        ``threshold``, ``largest_component``, ``fill_holes`` (default: the session's ``options``),
+        ``overwrite``. The reply's ``output``
         is the .seg.nrrd (default: in the session's folder, removed by :meth:`close`)."""
         return self.request("segment", progress, prompt=prompt, points_ras=[list(map(float, p)) for p in points_ras],
                             point_labels=None if point_labels is None else [int(v) for v in point_labels],

@@ -1,6 +1,6 @@
 """The warm worker: the model loaded once, the last volume's window features kept between requests.
 
-    python -m RefSAM3DLib.session_server --model M --device D [--folder F] [--threads N]
+    python -m RefSAM3DLib.session_server [run options: --model M --device D --overlap ...] [--folder F] [--threads N]
 
 Started by :class:`RefSAM3DLib.session_client.SessionClient` (Slicer's side). Requests come one
 JSON object per line on stdin; each gets exactly one JSON reply line on stdout, in order, with the
@@ -13,19 +13,20 @@ First line, unasked: ``{"id": 0, "op": "ready", "ok": true, "model", "model_vers
 
 Requests (``"id"`` any JSON value, echoed):
 
-* ``{"op": "open", "path", "modality": null, "frame": null, "overlap": 0.25}``: read the volume
+* ``{"op": "open", "path", "modality": null, "frame": null, "overlap": null}``: read the volume
   file and encode it (:class:`InteractiveSession`); the same path with the same modification time,
   size and options reuses the cached session. Reply: ``windows``, ``encode_s``, ``reused``,
   ``shape_kji``, ``warnings``.
 * ``{"op": "segment", "prompt": null, "points_ras": [], "point_labels": null, "box_ras": null,
-  "threshold": 0.5, "largest_component": false, "fill_holes": false, "output": null,
+  "threshold": null, "largest_component": null, "fill_holes": null, "output": null,
   "overwrite": false}``: one structure from the cache, written atomically on the input grid
   (``.seg.nrrd`` by default in the server's folder; a label map suffix writes a label map and its
   JSON). Reply: ``output``, ``files``, ``prompt``, ``structure``, ``volume_ml``, ``warnings``,
   ``elapsed_s``.
 * ``{"op": "close"}``: drop the session and its cache. Reply: ``closed`` (whether one was open).
 
-Every successful reply carries ``"ok": true`` and ``encodes`` (volumes encoded since start). A
+A null or absent ``overlap``, ``threshold``, ``largest_component`` or ``fill_holes`` is the
+server's own run option (its command line). Every successful reply carries ``"ok": true`` and ``encodes`` (volumes encoded since start). A
 failed request gets ``{"id", "ok": false, "error": "<one line>"}`` and the server goes on.
 
 The server's folder (``--folder``, a ``refsam3d-`` folder made by the client, or its own) holds the
@@ -36,9 +37,7 @@ both end with status ``128 + SIGTERM``.
 
 from __future__ import annotations
 
-import _thread
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -56,12 +55,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli_process import _ORPHAN_GRACE_S, TEMP_PREFIX, progress_line, sigterm_as_exit
+from .cli_process import TEMP_PREFIX, progress_line, sigterm_as_exit, watch_parent
 from .errors import RefSAM3DError
 from .inference import model_name, model_version, run_model
 from .interactive import InteractiveSession
 from .result_files import SEG_NRRD_SUFFIX, check_output_path, output_files, write_result
-from .run_options import RunOptions
+from .run_options import RunOptions, add_cli_arguments
 from .session_client import READY_ID
 from .volume_reader import read_volume
 
@@ -71,14 +70,15 @@ class SessionServer:
 
     Args:
         model: a loaded RefSAM3D.
-        device: the torch device it runs on.
+        options: the server's run options (its device and model; the defaults of every request).
         folder: where default outputs go.
         progress: called with ``(fraction, message)`` before long steps.
     """
 
-    def __init__(self, model, device: torch.device, folder: Path, progress) -> None:
+    def __init__(self, model, options: RunOptions, folder: Path, progress) -> None:
         self.model = model
-        self.device = device
+        self.options = options
+        self.device = next(model.parameters()).device
         self.folder = folder
         self.progress = progress
         self.session: InteractiveSession | None = None
@@ -98,7 +98,7 @@ class SessionServer:
         path = Path(_field(request, "path", str)).expanduser().resolve()
         modality = _field(request, "modality", str, None)
         frame = _field(request, "frame", int, None)
-        overlap = float(_field(request, "overlap", (int, float), 0.25))
+        overlap = float(_field(request, "overlap", (int, float), self.options.overlap))
         # The file's identity as it was before reading: a file replaced during the read is read again next time.
         stat = path.stat() if path.is_file() else None
         key = None if stat is None else (str(path), stat.st_mtime_ns, stat.st_size, modality, frame, overlap)
@@ -107,7 +107,7 @@ class SessionServer:
             volume = read_volume(path, modality=modality, frame=frame)  # a file that fails keeps the old cache
             self.close(request)  # the old cache goes before the new one is built
             self.progress(0.0, f"Encoding {volume.name}")
-            options = RunOptions(device=str(self.device), overlap=overlap)
+            options = dataclasses.replace(self.options, overlap=overlap)
             self.session = InteractiveSession(volume, model=self.model, options=options)
             self.session_key = key
             self.encodes += 1
@@ -131,9 +131,9 @@ class SessionServer:
         # Post-processing options may change per request: they act after decoding, so the cached
         # features (which depend on the session's device and overlap only) stay valid.
         self.session.options = dataclasses.replace(
-            self.session.options, threshold=float(_field(request, "threshold", (int, float), 0.5)),
-            largest_component=_field(request, "largest_component", bool, False),
-            fill_holes=_field(request, "fill_holes", bool, False))
+            self.session.options, threshold=float(_field(request, "threshold", (int, float), self.options.threshold)),
+            largest_component=_field(request, "largest_component", bool, self.options.largest_component),
+            fill_holes=_field(request, "fill_holes", bool, self.options.fill_holes))
         self.progress(0.0, "Decoding from the cached features")
         result = self.session.segment(
             _field(request, "prompt", str, None), points_ras=points.reshape(-1, 3),
@@ -189,24 +189,6 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _read_requests(requests: queue.Queue, folder: Path) -> None:
-    """Feed stdin's lines to ``requests``; at end-of-file stop the main thread as SIGTERM would, and
-    if it is stuck in one long torch call, remove the folder and end the process (as the CLI worker's
-    watcher does, :func:`RefSAM3DLib.cli_process.run_as_worker`)."""
-    pending = b""
-    # os.read, not sys.stdin: a thread blocked inside the buffered reader holds its lock, and the
-    # interpreter aborts when it finds it held at exit.
-    with contextlib.suppress(OSError, ValueError):
-        while chunk := os.read(0, 1 << 16):
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                requests.put(line.decode("utf-8", "replace"))
-    _thread.interrupt_main(signal.SIGTERM)
-    time.sleep(_ORPHAN_GRACE_S)
-    shutil.rmtree(folder, ignore_errors=True)
-    os._exit(128 + signal.SIGTERM)
-
-
 def _protocol_stream():
     """The real stdout, for protocol lines only; file descriptor 1 then points at stderr, so that
     whatever a library prints (Python or C) cannot break a reply."""
@@ -219,8 +201,7 @@ def _protocol_stream():
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m RefSAM3DLib.session_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="bundled model name or checkpoint folder (default: bundled)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_cli_arguments(parser)  # the run options: the model, its device, and every request's defaults
     parser.add_argument("--folder", help="a refsam3d- temporary folder to work in and remove at exit (default: a new one)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return parser
@@ -246,20 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_exit(terminated):
             # Started once SIGTERM has our handler: the reader's interrupt at end-of-file is lost without one.
-            threading.Thread(target=_read_requests, args=(requests, folder), daemon=True,
+            threading.Thread(target=watch_parent, args=(folder, requests.put), daemon=True,
                              name="refsam3d-requests").start()
             try:
                 if args.threads:
                     torch.set_num_threads(args.threads)
+                options = RunOptions.from_cli_args(args)
                 progress(0.0, "Loading the model")
-                model = run_model(RunOptions(device=args.device, model=args.model))
-                device = next(model.parameters()).device
+                model = run_model(options)
             except RefSAM3DError as error:
                 send({"id": READY_ID, "op": "ready", "ok": False, "error": _one_line(error)})
                 return 2
-            server = SessionServer(model, device, folder, progress)
+            server = SessionServer(model, options, folder, progress)
             send({"id": READY_ID, "op": "ready", "ok": True, "model": model_name(model),
-                  "model_version": model_version(model), "device": str(device), "pid": os.getpid(),
+                  "model_version": model_version(model), "device": str(server.device), "pid": os.getpid(),
                   "folder": str(folder)})
             while True:
                 try:  # a timeout, so that a signal is handled within a second while idle

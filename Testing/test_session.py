@@ -44,7 +44,7 @@ def centre_ras(volume) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    with SessionClient(device="cpu", threads=1, temp_root=tmp_path_factory.mktemp("sessions")) as client:
+    with SessionClient(RunOptions(device="cpu"), threads=1, temp_root=tmp_path_factory.mktemp("sessions")) as client:
         ready = client.wait(client.start(), timeout_s=STARTUP_S)
         assert ready["model"] == "refsam3d-small-v4" and ready["device"] == "cpu"
         yield client
@@ -94,7 +94,7 @@ def test_bad_requests_get_one_line_errors_and_the_server_goes_on(client, crop_pa
 
 
 def test_a_model_that_cannot_load_is_reported(tmp_path):
-    with SessionClient(model=str(tmp_path / "no-such-model"), device="cpu", temp_root=tmp_path) as client:
+    with SessionClient(RunOptions(device="cpu", model=str(tmp_path / "no-such-model")), temp_root=tmp_path) as client:
         with pytest.raises(RefSAM3DError, match="no-such-model"):
             client.wait(client.start(), timeout_s=STARTUP_S)
         with pytest.raises(RefSAM3DError, match="no-such-model"):
@@ -104,9 +104,10 @@ def test_a_model_that_cannot_load_is_reported(tmp_path):
 def test_the_server_dies_with_its_parent_and_leaves_no_files(crop_path, tmp_path):
     parent_script = textwrap.dedent(f"""
         import time
-        from RefSAM3DLib.volume_reader import read_volume
+        from RefSAM3DLib.run_options import RunOptions
         from RefSAM3DLib.session_client import SessionClient
-        client = SessionClient(device="cpu", threads=1, temp_root={str(tmp_path)!r})
+        from RefSAM3DLib.volume_reader import read_volume
+        client = SessionClient(RunOptions(device="cpu"), threads=1, temp_root={str(tmp_path)!r})
         client.wait(client.start())
         client.write_volume(read_volume({str(crop_path)!r}))
         print(client.folder, client.pid, flush=True)

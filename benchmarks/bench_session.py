@@ -22,8 +22,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from RefSAM3DLib.volume_reader import read_volume  # noqa: E402
+from RefSAM3DLib.run_options import RunOptions  # noqa: E402
 from RefSAM3DLib.session_client import SessionClient  # noqa: E402
+from RefSAM3DLib.volume_reader import read_volume  # noqa: E402
 
 SAMPLE_CT = ROOT / "RefSAM3DLib" / "samples" / "ts_example_ct_image.nii.gz"
 
@@ -47,7 +48,7 @@ def main() -> None:
     volume = read_volume(args.input, modality="CT")  # only for the gesture's coordinates
     point = (volume.ijk_to_ras @ np.append((np.array(volume.shape_kji[::-1]) - 1) / 2.0, 1.0))[:3]
     box = np.concatenate([point - 30.0, point + 30.0])
-    with SessionClient(model=args.model, device=args.device, threads=args.threads) as client:
+    with SessionClient(RunOptions(device=args.device, model=args.model), threads=args.threads) as client:
         started = time.perf_counter()
         ready = client.wait(client.start())
         load = time.perf_counter() - started
