@@ -23,7 +23,7 @@ from RefSAM3DLib.training.config import load_config
 from RefSAM3DLib.datasets import load_cases, split_by_patient
 from RefSAM3DLib.training.prepare import PROMPT_TABLE
 from RefSAM3DLib.training.prompts import PromptTable, TableTextEncoder
-from RefSAM3DLib.training.loss import PromptLoss
+from RefSAM3DLib.training.loss import PromptLoss, exclusive_cross_entropy
 from RefSAM3DLib.training.validation import validate_whole_volumes
 from RefSAM3DLib.training.windows import CaseStore, WindowDataset, choose_structures, crop_centre
 
@@ -216,6 +216,29 @@ def test_loss_uses_dice_only_where_the_target_is_not_empty():
     wrong_first = perfect_first.clone()
     wrong_first[0, 0] = -20.0
     assert PromptLoss()(wrong_first, target) > 0.9  # a missed structure costs its whole Dice
+
+
+def test_exclusive_loss_scores_the_label_map_and_equals_bce_for_one_prompt():
+    target = torch.zeros(1, 2, 1, 1, 2)
+    target[0, 0, 0, 0, 0] = 1  # voxel 0 belongs to prompt 0 ("aorta"); voxel 1 to neither
+    # Both prompts fire on voxel 0, the wrong one higher: the label map would give it to prompt 1.
+    logits = torch.tensor([[[[[0.0, -5.0]]], [[[1.0, -5.0]]]]], requires_grad=True)
+    exclusive_cross_entropy(logits, target).backward()
+    assert logits.grad[0, 1, 0, 0, 0] > 0 > logits.grad[0, 0, 0, 0, 0]  # the intruder down, the owner up
+    right_winner = torch.tensor([[[[[1.0, -5.0]]], [[[0.0, -5.0]]]]])
+    assert exclusive_cross_entropy(right_winner, target) < exclusive_cross_entropy(logits.detach(), target)
+    one = torch.randn(1, 1, 3, 3, 3)
+    one_target = (torch.rand(1, 1, 3, 3, 3) > 0.5).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(one, one_target)
+    assert torch.allclose(exclusive_cross_entropy(one, one_target), bce, atol=1e-6)
+
+
+def test_exclusive_loss_skips_voxels_claimed_by_two_prompts():
+    target = torch.ones(1, 2, 1, 1, 1)
+    target = torch.cat([target, torch.zeros(1, 2, 1, 1, 1)], dim=4)  # voxel 0 claimed twice, voxel 1 by none
+    logits = torch.full((1, 2, 1, 1, 2), -4.0)
+    only_background = exclusive_cross_entropy(logits[..., 1:], target[..., 1:])
+    assert torch.allclose(exclusive_cross_entropy(logits, target), only_background)
 
 
 def test_label_map_gives_each_voxel_to_the_most_probable_prompt():

@@ -39,6 +39,7 @@ TRAINING_DEFAULTS = {
         "seed": 0,
         "num_workers": 0,
         "grad_clip": 1.0,
+        "exclusive_weight": 0.0,  # the label map's cross-prompt cross-entropy (training/loss.py)
         "dataset_weights": {},
     },
     "augment": {},

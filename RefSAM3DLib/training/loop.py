@@ -244,7 +244,7 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
         persistent_workers=t["num_workers"] > 0, pin_memory=device.type == "cuda",
     )
     val = CaseStore(cache_dir, val_entries) if main and val_entries else None
-    loss_fn = PromptLoss()
+    loss_fn = PromptLoss(exclusive_weight=float(t["exclusive_weight"]))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     log = _Log(out / "log.csv", resume_step=step if resume else None) if main else None
     stop = _StopFlag()
