@@ -2,9 +2,11 @@
 
 Four classes, as Slicer modules have them: ``RefSAM3D`` (metadata, terminology and sample data
 registration), ``RefSAM3DWidget`` (the panel, UI only), ``RefSAM3DLogic`` (all the work, usable
-from scripts without any widget) and ``RefSAM3DTest`` (self-test). Inference runs in a child
-process (``refsam3d segment``), so Slicer never freezes and Cancel really stops it; its result is
-read with Slicer's own segmentation reader. Not a medical device; not for clinical use.
+from scripts without any widget) and ``RefSAM3DTest`` (self-test). Inference runs in a warm
+child process (``RefSAM3DLib.session_server``: the model loaded once, the last volume's features
+cached), so Slicer never freezes, Cancel really stops it, and a second prompt or a click on the
+same volume answers without encoding it again; its result is read with Slicer's own segmentation
+reader. Not a medical device; not for clinical use.
 """
 
 import json
@@ -21,7 +23,7 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -50,11 +52,12 @@ if str(LIBRARY_PARENT) not in sys.path:
 # Only what Slicer's own Python has (numpy, SimpleITK, packaging): the module loads before the
 # worker's packages are installed, and torch never enters Slicer's process.
 from RefSAM3DLib import mrml  # noqa: E402
-from RefSAM3DLib.cli_process import ChildProcess, SegmentationJob, library_environment  # noqa: E402
+from RefSAM3DLib.cli_process import ChildProcess, library_environment  # noqa: E402
 from RefSAM3DLib.errors import Cancelled, RefSAM3DError  # noqa: E402
 from RefSAM3DLib.install_plan import InstallPlan, plan_for_this_python  # noqa: E402
 from RefSAM3DLib.model_info import model_summary  # noqa: E402
 from RefSAM3DLib.run_options import MAX_OVERLAP, RunOptions  # noqa: E402
+from RefSAM3DLib.session_client import SessionClient, SessionJob  # noqa: E402
 from RefSAM3DLib.vocabulary import parse_prompts  # noqa: E402
 
 LOW_GPU_MEMORY_GB = 4.0
@@ -198,6 +201,9 @@ class RefSAM3DParameterNode:
     prompt: the structures, as typed. The run options (``RunOptions``, defaults from there):
     device (auto, cuda, mps or cpu), modelPath (a checkpoint folder, empty for the bundled model),
     overlap, threshold, largestComponent, fillHoles.
+    includePoints / excludePoints / box: the markups that refine the selected segment (points
+    inside it, points on what it wrongly includes, an ROI around it); autoRefine: refine on every
+    placed point or moved box.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -209,6 +215,10 @@ class RefSAM3DParameterNode:
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = RunOptions().threshold
     largestComponent: bool = RunOptions().largest_component
     fillHoles: bool = RunOptions().fill_holes
+    includePoints: vtkMRMLMarkupsFiducialNode
+    excludePoints: vtkMRMLMarkupsFiducialNode
+    box: vtkMRMLMarkupsROINode
+    autoRefine: bool = True
 
 
 #
@@ -217,12 +227,16 @@ class RefSAM3DParameterNode:
 
 
 class RefSAM3DRun:
-    """One running segmentation: the child-process job, its inputs and its start time."""
+    """One running segmentation: the warm worker's job, its inputs and its start time.
 
-    def __init__(self, job, inputVolumeNode, prompts):
+    ``target``: ``(segmentationNode, segmentId)`` for a refinement (the answer replaces that
+    segment's voxels), None for a text run (the answer adds segments)."""
+
+    def __init__(self, job, inputVolumeNode, prompts, target=None):
         self.job = job
         self.inputVolumeNode = inputVolumeNode
         self.prompts = prompts
+        self.target = target
         self.startTime = time.perf_counter()
         self.lastFraction = 0.0
 
@@ -242,13 +256,22 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
 
         logic = slicer.util.getModuleLogic("RefSAM3D")   # or RefSAM3D.RefSAM3DLogic()
         segmentationNode = logic.process(volumeNode, "liver, spleen")
+        logic.refine(volumeNode, segmentationNode, segmentId, positivePoints=[(r, a, s)])
+        logic.closeSession()                              # ends the warm worker
+
+    The worker stays alive between runs (``RefSAM3DLib.session_server``): the model stays loaded
+    and the last volume's image features stay cached, so a second prompt or a click on the same
+    volume answers in a fraction of the first run's time.
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.logCallback = None
         self.lastVolumesMl = []
-        self.lastRun = None  # (segmentation node, IDs of the segments it added, whether it created the node)
+        # ("added", segmentation node, IDs of the segments it added, whether it created the node)
+        # or ("replaced", segmentation node, segment ID, its previous label map)
+        self.lastRun = None
+        self.session = None  # the warm worker (SessionClient), made by sessionFor
 
     def getParameterNode(self):
         return RefSAM3DParameterNode(super().getParameterNode())
@@ -426,33 +449,62 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
                 warnings.append(_("This RefSAM3D version cannot run on the Apple GPU yet; it uses the CPU."))
         return text, "\n".join(warnings), devices
 
-    def startProcessing(self, inputVolumeNode, prompts, options=RunOptions()) -> RefSAM3DRun:
-        """Write the input and start the worker; returns at once (poll the run, then ``finishProcessing``).
+    def sessionFor(self, options=RunOptions()) -> SessionClient:
+        """The warm worker for ``options``' model and device, started if needed; kept between runs,
+        replaced when the model or device changes or it stopped (after a cancel)."""
+        if self.session is not None:
+            wanted = (options.model, options.device)
+            if not self.session.alive or (self.session.options.model, self.session.options.device) != wanted:
+                self.closeSession()
+        if self.session is None:
+            self.session = SessionClient(options, python=self.pythonExecutable(), base_env=self.childBaseEnvironment(),
+                                         temp_root=slicer.app.temporaryPath if hasattr(slicer, "app") else None)
+            self.session.start()
+        return self.session
 
-        ``prompts``: one text or a list of texts, read by the vocabulary (:meth:`readPrompts`).
-        ``options``: a ``RunOptions`` (device, overlap, threshold, model, clean-up). The modality
-        comes from the volume's DICOM series when Slicer loaded it from DICOM.
+    def closeSession(self) -> None:
+        """End the warm worker (its model and cache go; the next run starts a new one)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def startProcessing(self, inputVolumeNode, prompts, options=RunOptions(), pointsRas=(), pointLabels=None,
+                        boxRas=None, target=None) -> RefSAM3DRun:
+        """Send the input and the prompts to the warm worker; returns at once (poll the run, then
+        ``finishProcessing``).
+
+        ``prompts``: one text or a list of texts, read by the vocabulary (:meth:`readPrompts`);
+        None with points or a box ("the structure here"). ``options``: a ``RunOptions`` (device,
+        overlap, threshold, model, clean-up). ``pointsRas``/``pointLabels``/``boxRas``: clicks (1
+        inside, 0 not part of it) and a box in world RAS mm. The modality comes from the volume's
+        DICOM series when Slicer loaded it from DICOM.
         """
-        parsed = self.readPrompts(prompts)
+        parsed = self.readPrompts(prompts) if prompts is not None else []
         volume = mrml.volume_from_node(inputVolumeNode)
-        job = SegmentationJob(
-            volume,
-            [prompt.text for prompt in parsed],  # the vocabulary reads these back to the same prompts
-            options,
-            python=self.pythonExecutable(),
-            base_env=self.childBaseEnvironment(),
-            temp_root=slicer.app.temporaryPath if hasattr(slicer, "app") else None,
-        )
+        texts = [prompt.text for prompt in parsed] or None  # the vocabulary reads these back to the same prompts
+        job = SessionJob(self.sessionFor(options), volume, texts, options, pointsRas, pointLabels, boxRas)
         names = ", ".join(prompt.structure.name if prompt.structure else f"'{prompt.text}'" for prompt in parsed)
-        self.log(_("Segmenting {volume} ({modality}): {names} (device {device}, overlap {overlap}, threshold {threshold})").format(
+        gestures = len(pointsRas) + (boxRas is not None)
+        self.log(_("Segmenting {volume} ({modality}): {names}{gestures} (device {device}, overlap {overlap}, threshold {threshold})").format(
             volume=inputVolumeNode.GetName(), modality=volume.modality or _("modality guessed from intensities"),
-            names=names, device=options.device, overlap=options.overlap, threshold=options.threshold))
-        try:
-            job.start()
-        except Exception:
-            job.close()
-            raise
-        return RefSAM3DRun(job, inputVolumeNode, parsed)
+            names=names or _("the structure at the points"),
+            gestures=_(" with {count} point(s)/box").format(count=gestures) if gestures else "",
+            device=options.device, overlap=options.overlap, threshold=options.threshold))
+        job.start()
+        return RefSAM3DRun(job, inputVolumeNode, parsed, target)
+
+    def startRefinement(self, inputVolumeNode, segmentationNode, segmentId, positivePoints=(), negativePoints=(),
+                        boxRas=None, options=RunOptions()) -> RefSAM3DRun:
+        """Start re-segmenting one segment with clicks and/or a box (world RAS mm), from the cached
+        features: its own prompt (the text that made it, else its name) plus the gestures."""
+        points = [tuple(p) for p in positivePoints] + [tuple(p) for p in negativePoints]
+        if not points and boxRas is None:
+            raise RefSAM3DError(_("Place a point inside the structure, a point on what is wrongly included, "
+                                  "or a box around the structure, then refine."))
+        labels = [1] * len(positivePoints) + [0] * len(negativePoints)
+        prompt = mrml.segment_prompt(segmentationNode, segmentId)
+        return self.startProcessing(inputVolumeNode, prompt, options, points, labels, boxRas,
+                                    target=(segmentationNode, segmentId))
 
     def handleEvents(self, run, events, progressCallback=None) -> None:
         """Forward the worker's new output: progress to ``progressCallback(fraction, message)``, lines to the log."""
@@ -465,16 +517,23 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
                 self.log(event.text)
 
     def finishProcessing(self, run, outputSegmentationNode=None):
-        """Import the finished worker's .seg.nrrd with Slicer's reader; temporary files are removed.
+        """Import the finished answer with Slicer's reader (a refinement replaces its segment's
+        voxels); the answer's files are removed. Returns the segmentation node.
 
         Raises ``Cancelled`` after a cancel and ``RefSAM3DError`` (the worker's message) on failure.
         """
         try:
-            segmentationNode, segmentIds = mrml.import_segmentation_file(
-                run.job.output_file(), run.inputVolumeNode, outputSegmentationNode)
+            path = run.job.output_file()
+            if run.target is not None:
+                segmentationNode, segmentId = run.target
+                previous = mrml.replace_segment_from_file(path, segmentationNode, segmentId)
+                self.lastRun = ("replaced", segmentationNode, segmentId, previous)
+                segmentIds = [segmentId]
+            else:
+                segmentationNode, segmentIds = mrml.import_segmentation_file(path, run.inputVolumeNode, outputSegmentationNode)
+                self.lastRun = ("added", segmentationNode, segmentIds, outputSegmentationNode is None)
         finally:
             run.job.close()
-        self.lastRun = (segmentationNode, segmentIds, outputSegmentationNode is None)
         segmentation = segmentationNode.GetSegmentation()
         self.lastVolumesMl = [(segmentation.GetSegment(segmentId).GetName(), mrml.segment_volume_ml(segmentationNode, segmentId))
                               for segmentId in segmentIds]
@@ -483,14 +542,22 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
         return segmentationNode
 
     def undoLastRun(self) -> bool:
-        """Remove what the last run added (its segments; the node too if the run created it and
-        nothing else was added since). Returns False when there is nothing to undo."""
+        """Undo the last run: remove the segments it added (the node too if the run created it and
+        nothing else was added since), or put back the mask a refinement replaced. Returns False
+        when there is nothing to undo."""
         if self.lastRun is None:
             return False
-        segmentationNode, segmentIds, created = self.lastRun
+        kind, segmentationNode, *rest = self.lastRun
         self.lastRun = None
         if segmentationNode.GetScene() is None:
             return False
+        if kind == "replaced":
+            segmentId, previous = rest
+            if not mrml.restore_segment(segmentationNode, segmentId, previous):
+                return False
+            self.log(_("The last refinement was undone."))
+            return True
+        segmentIds, created = rest
         segmentation = segmentationNode.GetSegmentation()
         for segmentId in segmentIds:
             if segmentation.GetSegment(segmentId) is not None:
@@ -501,8 +568,18 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
         return True
 
     def cancel(self, run) -> None:
+        """Stop the run now; the warm worker ends with it (the next run starts a new one)."""
         run.job.cancel()
         self.log(_("Cancelling ..."))
+
+    def _wait(self, run, progressCallback=None) -> None:
+        try:
+            run.job.wait(lambda event: self.handleEvents(run, [event], progressCallback),
+                         between=slicer.app.processEvents if hasattr(slicer, "app") else None)
+        except BaseException:
+            run.job.cancel()
+            run.job.close()
+            raise
 
     def process(self, inputVolumeNode, prompts, outputSegmentationNode=None, options=RunOptions(), progressCallback=None):
         """Segment ``inputVolumeNode`` for ``prompts`` and return the segmentation node. Waits for the result.
@@ -510,16 +587,20 @@ class RefSAM3DLogic(ScriptedLoadableModuleLogic):
         Works without a widget (Python console, batch scripts). While waiting it keeps Slicer's
         event loop turning when there is one. ``prompts``: one text or a list of texts, read as the
         CLI reads them; ``options``: a ``RunOptions``. Raises ``RefSAM3DError`` with a readable
-        message on failure.
+        message on failure. The worker stays warm for the next call (``closeSession`` ends it).
         """
         run = self.startProcessing(inputVolumeNode, prompts, options)
-        try:
-            run.job.wait(lambda event: self.handleEvents(run, [event], progressCallback),
-                         between=slicer.app.processEvents if hasattr(slicer, "app") else None)
-        except BaseException:
-            run.job.close()
-            raise
+        self._wait(run, progressCallback)
         return self.finishProcessing(run, outputSegmentationNode)
+
+    def refine(self, inputVolumeNode, segmentationNode, segmentId, positivePoints=(), negativePoints=(), boxRas=None,
+               options=RunOptions(), progressCallback=None):
+        """Correct one segment with clicks and/or a box (world RAS mm) and wait: its voxels are
+        replaced (``undoLastRun`` puts them back). Returns the segmentation node."""
+        run = self.startRefinement(inputVolumeNode, segmentationNode, segmentId, positivePoints, negativePoints,
+                                   boxRas, options)
+        self._wait(run, progressCallback)
+        return self.finishProcessing(run)
 
 
 #
@@ -541,6 +622,7 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._outputSegmentationNode = None
         self._deviceProbe = None
         self._modelSummary = None
+        self._observedGestureNodes = []
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self.onTimer)
@@ -580,6 +662,16 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removeSegmentsButton.clicked.connect(self.onRemoveSegments)
         self.ui.segmentEditorButton.clicked.connect(self.onOpenSegmentEditor)
         self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.refineButton.clicked.connect(self.onRefineButton)
+        for name in ("includePoints", "excludePoints", "box"):
+            selector, placeWidget = getattr(self.ui, name + "Selector"), getattr(self.ui, name + "PlaceWidget")
+            placeWidget.setMRMLScene(slicer.mrmlScene)
+            placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", placeWidget.setCurrentNode)
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self._observeGestureNodes)
+        self.ui.boxPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForceSinglePlaceMarkups
+        self.ui.segmentsTableView.connect("selectionChanged(QItemSelection,QItemSelection)",
+                                          lambda *selections: self._updateButtons())
 
         self.initializeParameterNode()
         self.onModelPathChanged()
@@ -588,6 +680,7 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self._stopRun()
         self.removeObservers()
+        self.logic.closeSession()
 
     def enter(self):
         self.initializeParameterNode()
@@ -732,6 +825,9 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.advancedCollapsibleButton, self.ui.addStructureButton):
             widget.enabled = not busy
         self.ui.undoButton.enabled = not busy and self.logic.lastRun is not None
+        self.ui.refineButton.enabled = not busy and hasInput and len(self._selectedSegmentIds()) == 1
+        self.ui.refineButton.toolTip = (_("Compute the selected segment again with its prompt and the points and box above.")
+                                        if len(self._selectedSegmentIds()) == 1 else _("Select one segment in the Segments list"))
 
     # Actions
 
@@ -890,9 +986,49 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.undoLastRun()
         self._updateButtons()
 
+    # Refinement with markups (points and an ROI), through the warm worker's cached features
+
+    def _selectedSegmentIds(self) -> list:
+        if self.ui.outputSegmentationSelector.currentNode() is None:
+            return []
+        return list(self.ui.segmentsTableView.selectedSegmentIDs())
+
+    def _observeGestureNodes(self, *args):
+        for node in self._observedGestureNodes:
+            self.removeObserver(node, node.PointPositionDefinedEvent, self.onGesturePlaced)
+            self.removeObserver(node, node.PointEndInteractionEvent, self.onGesturePlaced)
+        self._observedGestureNodes = [node for node in (self.ui.includePointsSelector.currentNode(),
+                                                        self.ui.excludePointsSelector.currentNode(),
+                                                        self.ui.boxSelector.currentNode()) if node is not None]
+        for node in self._observedGestureNodes:
+            self.addObserver(node, node.PointPositionDefinedEvent, self.onGesturePlaced)
+            self.addObserver(node, node.PointEndInteractionEvent, self.onGesturePlaced)
+
+    def onGesturePlaced(self, caller=None, event=None):
+        if self._parameterNode is not None and self._parameterNode.autoRefine and self.ui.refineButton.enabled:
+            self.onRefineButton()
+
+    def onRefineButton(self):
+        segmentIds = self._selectedSegmentIds()
+        if self._run is not None or len(segmentIds) != 1:
+            return
+        with slicer.util.tryWithErrorDisplay(_("RefSAM3D could not refine the segment."), waitCursor=True):
+            self._run = self.logic.startRefinement(
+                self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(), segmentIds[0],
+                positivePoints=mrml.control_points_ras(self.ui.includePointsSelector.currentNode()),
+                negativePoints=mrml.control_points_ras(self.ui.excludePointsSelector.currentNode()),
+                boxRas=mrml.roi_box_ras(self.ui.boxSelector.currentNode()),
+                options=self.logic.runOptions(self._parameterNode))
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Refining ...")
+            self._updateButtons()
+            self._timer.start()
+
     def _stopRun(self):
         self._timer.stop()
         if self._run is not None:
+            self.logic.cancel(self._run)
             self._run.job.close()
             self._run = None
         if self._deviceProbe is not None:
@@ -991,8 +1127,11 @@ class RefSAM3DTest(ScriptedLoadableModuleTest):
         self.delayDisplay(_("Segmenting the liver, both kidneys and the spleen with the bundled model"))
         logic = RefSAM3DLogic()
         fractions = []
-        segmentationNode = logic.process(volumeNode, "\n".join(("liver", "right kidney", "left kidney", "spleen")),
-                                         progressCallback=lambda fraction, message: fractions.append(fraction))
+        try:
+            segmentationNode = logic.process(volumeNode, "\n".join(("liver", "right kidney", "left kidney", "spleen")),
+                                             progressCallback=lambda fraction, message: fractions.append(fraction))
+        finally:
+            logic.closeSession()
         self.assertTrue(fractions, "no progress was reported")
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), len(self.MIN_DICE))

@@ -232,17 +232,12 @@ def segment(
     probabilities = model_space_probabilities(model, image_dhw, prompt_embeddings, torch_device, options.overlap,
                                               on_window)
 
-    segments = []
-    label_map = LabelMapComposer(volume.shape_kji, len(parsed))
-    for index, prompt in enumerate(parsed):
+    def on_prompt(index: int, text: str) -> None:
         if cancel is not None and cancel():
             raise Cancelled("Segmentation cancelled; nothing was written.")
-        report(0.9 + 0.1 * index / len(parsed), f"Resampling '{prompt.text}' to the input grid")
-        mask, box, on_input = mask_on_input(probabilities[index].numpy(), grid, options)
-        if box is not None:
-            label_map.add(index + 1, mask[box], on_input, box)
-        del on_input
-        segments.append(Segment(prompt.text, prompt.structure, mask))
+        report(0.9 + 0.1 * index / len(parsed), f"Resampling '{text}' to the input grid")
+
+    segments, label_map = segments_on_input(probabilities, parsed, grid, options, on_prompt)
     report(1.0, "Done")
     return LabelResult(
         reference=volume,
@@ -251,8 +246,36 @@ def segment(
         model_version=model_version(model),
         elapsed_s=time.perf_counter() - started,
         warnings=warnings,
-        label_map=label_map.labels,
+        label_map=label_map,
     )
+
+
+def segments_on_input(probabilities, parsed: Sequence[Prompt], grid: preprocess.ModelGrid, options: RunOptions,
+                      on_prompt: Callable[[int, str], None] | None = None) -> tuple[list[Segment], np.ndarray]:
+    """Every prompt's mask on the input grid, and the label map that gives each voxel to the most
+    probable prompt whose mask holds it.
+
+    Args:
+        probabilities: (P, D, H, W) model-space probabilities, one channel per prompt of ``parsed``.
+        parsed: the P prompts.
+        grid: the run's ModelGrid.
+        options: threshold and clean-up.
+        on_prompt: called with ``(index, text)`` before each prompt (may raise to stop).
+    Returns:
+        ``(segments, label_map)``: one Segment per prompt and the (K, J, I) label map (value
+        ``index + 1``).
+    """
+    segments = []
+    label_map = LabelMapComposer(grid.input.shape_kji, len(parsed))
+    for index, prompt in enumerate(parsed):
+        if on_prompt is not None:
+            on_prompt(index, prompt.text)
+        mask, box, on_input = mask_on_input(np.asarray(probabilities[index]), grid, options)
+        if box is not None:
+            label_map.add(index + 1, mask[box], on_input, box)
+        del on_input
+        segments.append(Segment(prompt.text, prompt.structure, mask))
+    return segments, label_map.labels
 
 
 def model_name(model) -> str:

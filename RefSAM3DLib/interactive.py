@@ -24,12 +24,13 @@ import torch
 
 from . import geometry, preprocess
 from .errors import RefSAM3DError
-from .inference import (check_memory, count_windows, decide_modality, expand_prompts, mask_on_input, model_name,
-                        model_version, resolve_device, run_model, untrained_structure_warnings)
+from .inference import (check_memory, count_windows, decide_modality, expand_prompts, model_name, model_version,
+                        resolve_device, run_model, segments_on_input, untrained_structure_warnings)
 from .model.prompt_encoder import NO_TEXT_PROMPT
-from .result import LabelResult, Segment
+from .result import LabelResult
 from .run_options import RunOptions
 from .sliding_window import blend_windows, windows_per_batch
+from .vocabulary import Prompt
 from .volume import Volume
 from .volume_reader import available_memory_bytes
 
@@ -101,12 +102,13 @@ class InteractiveSession:
         model: a loaded RefSAM3D, or None for ``options.model``.
         options: the run's options, as in ``inference.segment``; every answer uses its threshold
             and clean-up.
+        progress: called with ``(fraction, message)`` as windows are encoded.
 
     Memory: the cache holds each window's ImageFeatures on ``device`` (small config: ~45 MB per 96^3
     window; vit_b: ~170 MB per 128^3 window), checked against the free memory before encoding.
     """
 
-    def __init__(self, volume: Volume, model=None, options: RunOptions = RunOptions()) -> None:
+    def __init__(self, volume: Volume, model=None, options: RunOptions = RunOptions(), progress=None) -> None:
         started = time.perf_counter()
         self.device = resolve_device(options.device)
         self.model = run_model(options, model)
@@ -123,7 +125,7 @@ class InteractiveSession:
         self.model_shape_dhw = image_dhw.shape
         self._image = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[None, None]
         self._features: dict[tuple[int, int, int], object] = {}
-        self._encode_all_windows()
+        self._encode_all_windows(progress)
         self.encode_s = time.perf_counter() - started
 
     def _sliding(self, predictor, batch: int) -> torch.Tensor:
@@ -132,12 +134,16 @@ class InteractiveSession:
             return blend_windows(self._image, self.window, predictor, self.device, self.options.overlap, batch,
                                  with_coord=True)
 
-    def _encode_all_windows(self) -> None:
+    def _encode_all_windows(self, progress) -> None:
+        total = count_windows(self._image.shape[2:], self.window, self.options.overlap)
+
         def encode(windows: torch.Tensor, slices) -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 features = self.model.encode_image(windows)
             for b, window_slices in enumerate(slices):
                 self._features[_window_start(window_slices)] = features.select(b)
+            if progress is not None:
+                progress(len(self._features) / total, f"Encoding window {len(self._features)}/{total}")
             return torch.zeros((windows.shape[0], 1) + windows.shape[2:], device=windows.device)
 
         self._sliding(encode, windows_per_batch(self.device, self.window))
@@ -148,22 +154,24 @@ class InteractiveSession:
 
     def segment(
         self,
-        prompt: str | None,
+        prompt: str | Sequence[str] | None,
         points_ras: Sequence[Sequence[float]] = (),
         point_labels: Sequence[int] | None = None,
         box_ras: Sequence[float] | None = None,
     ) -> LabelResult:
-        """One structure from a text prompt, spatial prompts, or both, without re-encoding.
+        """Structures from a text prompt, spatial prompts, or both, without re-encoding.
 
         Args:
-            prompt: text naming ONE structure, or None for "the structure at these points / in
-                this box" (then a spatial prompt is required).
+            prompt: text naming the structures (several only without spatial prompts, as
+                ``inference.segment`` reads them), or None for "the structure at these points /
+                in this box" (then a spatial prompt is required).
             points_ras: clicks ``(N, 3)`` in RAS mm.
             point_labels: ``(N,)`` 1 = inside the structure, 0 = not part of it; default all 1.
             box_ras: ``(R1, A1, S1, R2, A2, S2)``, two opposite corners in any order.
 
         Returns:
-            a LabelResult with one segment, its mask on the input volume's grid.
+            a LabelResult with one segment per structure on the input volume's grid, and the label
+            map that gives each voxel to the most probable one (the engine's, voxel for voxel).
         """
         started = time.perf_counter()
         points_ras = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
@@ -174,19 +182,18 @@ class InteractiveSession:
                 f"labels {labels.tolist()}.")
         spatial = len(points_ras) > 0 or box_ras is not None
         warnings = list(self.warnings)
-        if prompt is None or not prompt.strip():
+        texts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if not any(text.strip() for text in texts):
             if not spatial:
                 raise RefSAM3DError("Nothing to segment: give a text prompt, points or a box.")
-            parsed, text = None, NO_TEXT_PROMPT
+            parsed, has_text = [Prompt(NO_TEXT_PROMPT, None)], False
         else:
-            prompts, prompt_warnings = expand_prompts(prompt)
+            prompts, prompt_warnings = expand_prompts(texts)
             if len(prompts) > 1 and spatial:
                 raise RefSAM3DError(
-                    f"Points and boxes refine ONE structure, but '{prompt}' names {len(prompts)}; "
+                    f"Points and boxes refine ONE structure, but '{'; '.join(texts)}' names {len(prompts)}; "
                     "give one structure per refinement.")
-            if len(prompts) > 1:
-                raise RefSAM3DError(f"'{prompt}' names {len(prompts)} structures; a session segments one at a time.")
-            parsed, text = prompts[0], prompts[0].text
+            parsed, has_text = prompts, True
             warnings += prompt_warnings + untrained_structure_warnings(self.model, prompts)
         if spatial and not self.model.metadata.get("spatial_prompts"):
             warnings.append("This model was not trained with points or boxes: they are passed to it, "
@@ -196,29 +203,28 @@ class InteractiveSession:
         points_dhw = points_dhw + self.pad_before
         box_dhw = None if box_model_dhw is None else box_model_dhw + np.tile(self.pad_before, 2)
         with torch.no_grad():
-            embeddings = self.model.encode_prompts([text])
+            embeddings = self.model.encode_prompts([p.text for p in parsed])
 
         def decode(windows: torch.Tensor, slices) -> torch.Tensor:
             start = _window_start(slices[0])
             spatial_args = self._window_prompts(start, points_dhw, labels, box_dhw)
-            if parsed is None and not spatial_args:  # no text and nothing here: not the structure
+            if not has_text and not spatial_args:  # no text and nothing here: not the structure
                 return torch.zeros((1, 1) + windows.shape[2:], device=windows.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 logits = self.model.decode(windows, self._features[start], embeddings, **spatial_args)
             return torch.sigmoid(logits.float())
 
-        probabilities = self._sliding(decode, 1)[0]
+        probabilities = self._sliding(decode, 1)  # (P, D, H, W), padded
         d, h, w = self.pad_before
-        probabilities = probabilities[d:d + self.model_shape_dhw[0], h:h + self.model_shape_dhw[1],
+        probabilities = probabilities[:, d:d + self.model_shape_dhw[0], h:h + self.model_shape_dhw[1],
                                       w:w + self.model_shape_dhw[2]]
-        if box_model_dhw is not None:
-            probabilities = inside_box(probabilities, box_model_dhw)
-        mask, _, _ = mask_on_input(probabilities.numpy(), self.grid, self.options)
-        structure = parsed.structure if parsed is not None else None
+        if box_model_dhw is not None:  # one structure
+            probabilities = inside_box(probabilities[0], box_model_dhw)[None]
+        segments, label_map = segments_on_input(probabilities.numpy(), parsed, self.grid, self.options)
         return LabelResult(
-            reference=self.volume, segments=[Segment(text, structure, mask)],
+            reference=self.volume, segments=segments,
             model_name=model_name(self.model), model_version=model_version(self.model),
-            elapsed_s=time.perf_counter() - started, warnings=warnings, label_map=mask.copy(),
+            elapsed_s=time.perf_counter() - started, warnings=warnings, label_map=label_map,
         )
 
     def _window_prompts(self, start, points_dhw: np.ndarray, labels: np.ndarray, box_dhw) -> dict:

@@ -25,6 +25,11 @@ __all__ = [
     "volume_from_node",
     "dicom_modality",
     "import_segmentation_file",
+    "replace_segment_from_file",
+    "restore_segment",
+    "segment_prompt",
+    "control_points_ras",
+    "roi_box_ras",
     "segment_volume_ml",
     "result_to_segmentation_node",
     "segmentation_node_to_labelmap_array",
@@ -255,8 +260,9 @@ def result_to_segmentation_node(result, reference_volume_node, segmentation_node
     return segmentation_node
 
 
-def _read_segmentation_file(path, segmentation_node) -> None:
-    """Slicer's own .seg.nrrd reader (C++), into ``segmentation_node`` (in a scene).
+def _read_segmentation_file(path, segmentation_node, frame_node) -> None:
+    """Slicer's own .seg.nrrd reader (C++), into ``segmentation_node`` (in a scene), its segments
+    then moved from the file's world RAS into ``frame_node``'s local frame (where they will live).
 
     teem aborts the whole process on some malformed headers, so a file that is not a segmentation
     NRRD is refused first (the worker writes a good one; this guards Slicer against anything else).
@@ -269,6 +275,9 @@ def _read_segmentation_file(path, segmentation_node) -> None:
     storage.SetFileName(str(path))
     if not storage.ReadData(segmentation_node):
         raise RefSAM3DError(f"Slicer could not read the segmentation file {path}; see the log.")
+    world_to_local = np.linalg.inv(_local_to_world(frame_node))
+    if not np.allclose(world_to_local, np.eye(4)):
+        segmentation_node.ApplyTransformMatrix(_vtk_matrix_from_array(world_to_local))
 
 
 def import_segmentation_file(path, reference_volume_node, segmentation_node=None, scene=None):
@@ -302,11 +311,7 @@ def import_segmentation_file(path, reference_volume_node, segmentation_node=None
     added = []
     was_modifying = target_node.StartModify()
     try:
-        _read_segmentation_file(path, loaded)
-        # The file is in world RAS; the target node's segments live in its local frame.
-        world_to_local = np.linalg.inv(_local_to_world(target_node))
-        if not np.allclose(world_to_local, np.eye(4)):
-            loaded.ApplyTransformMatrix(_vtk_matrix_from_array(world_to_local))
+        _read_segmentation_file(path, loaded, frame_node=target_node)
         source = loaded.GetSegmentation()
         file_ids = [source.GetNthSegmentID(n) for n in range(source.GetNumberOfSegments())]
         if created:
@@ -339,6 +344,97 @@ def import_segmentation_file(path, reference_volume_node, segmentation_node=None
     if created:
         _place_next_to(target_node, reference_volume_node)
     return target_node, added
+
+
+def replace_segment_from_file(path, segmentation_node, segment_id):
+    """Replace one segment's voxels with the single segment of a worker's .seg.nrrd (a refinement).
+
+    The segment keeps its ID, name, colour, tags and place in the list; only its mask changes.
+
+    Args:
+        path: the .seg.nrrd (world RAS, as :func:`import_segmentation_file` reads it).
+        segmentation_node: the node holding the segment.
+        segment_id: the segment to replace.
+    Returns:
+        the segment's previous binary label map (``vtkOrientedImageData``), for
+        :func:`restore_segment` (undo).
+    """
+    import slicer
+
+    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise RefSAM3DError(f"{segmentation_node.GetName()} has no segment {segment_id!r} any more; select a segment.")
+    scene = segmentation_node.GetScene()
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__refsam3d_import__")
+    try:
+        _read_segmentation_file(path, loaded, frame_node=segmentation_node)
+        source = loaded.GetSegmentation()
+        if source.GetNumberOfSegments() != 1:
+            raise RefSAM3DError(f"A refinement gives one segment, but {path} holds {source.GetNumberOfSegments()}.")
+        mask = slicer.vtkOrientedImageData()
+        loaded.GetBinaryLabelmapRepresentation(source.GetNthSegmentID(0), mask)
+        previous = slicer.vtkOrientedImageData()
+        segmentation_node.GetBinaryLabelmapRepresentation(segment_id, previous)
+        _set_segment_mask(segmentation_node, segment_id, mask)
+    finally:
+        display_node = loaded.GetDisplayNode()
+        if display_node is not None:
+            scene.RemoveNode(display_node)
+        scene.RemoveNode(loaded)
+    return previous
+
+
+def restore_segment(segmentation_node, segment_id, previous) -> bool:
+    """Put back a mask :func:`replace_segment_from_file` returned; False if the segment is gone."""
+    if segmentation_node.GetScene() is None or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        return False
+    _set_segment_mask(segmentation_node, segment_id, previous)
+    return True
+
+
+def _set_segment_mask(segmentation_node, segment_id, mask) -> None:
+    import slicer
+
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(mask, segmentation_node, segment_id, logic.MODE_REPLACE):
+        raise RefSAM3DError(f"Slicer could not replace segment {segment_id!r} of {segmentation_node.GetName()}.")
+
+
+def segment_prompt(segmentation_node, segment_id) -> str:
+    """The text that made a segment (its ``RefSAM3D.Prompt`` tag), else its name."""
+    import vtk
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise RefSAM3DError(f"{segmentation_node.GetName()} has no segment {segment_id!r}; select a segment.")
+    prompt = vtk.reference("")
+    if segment.GetTag("RefSAM3D.Prompt", prompt) and str(prompt).strip():
+        return str(prompt)
+    return segment.GetName()
+
+
+def control_points_ras(markups_node) -> list:
+    """World RAS (mm) of a markups node's placed control points (none for ``None``)."""
+    if markups_node is None:
+        return []
+    points = []
+    for index in range(markups_node.GetNumberOfControlPoints()):
+        if markups_node.GetNthControlPointPositionStatus(index) != markups_node.PositionDefined:
+            continue
+        position = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(index, position)
+        points.append(tuple(position))
+    return points
+
+
+def roi_box_ras(roi_node):
+    """``(R1, A1, S1, R2, A2, S2)``: the world RAS box around an ROI (None without one)."""
+    if roi_node is None or roi_node.GetNumberOfControlPoints() == 0:
+        return None
+    bounds = [0.0] * 6
+    roi_node.GetRASBounds(bounds)
+    if not bounds[0] <= bounds[1] or not bounds[2] <= bounds[3] or not bounds[4] <= bounds[5]:
+        return None
+    return (bounds[0], bounds[2], bounds[4], bounds[1], bounds[3], bounds[5])
 
 
 def segment_volume_ml(segmentation_node, segment_id) -> float:

@@ -17,6 +17,7 @@ ends it and removes the temporary folder in every case. A server that died is re
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -25,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .cli_process import TEMP_PREFIX, ChildProcess, Event, library_environment
 from .errors import Cancelled, RefSAM3DError
@@ -66,6 +69,7 @@ class SessionClient:
         self._ids = itertools.count(READY_ID + 1)
         self._volumes = itertools.count(1)
         self._volume_file: Path | None = None
+        self._open_fingerprint: str | None = None
 
     def __enter__(self) -> "SessionClient":
         return self
@@ -176,6 +180,21 @@ class SessionClient:
         self._volume_file = path
         return path
 
+    def send_volume(self, volume: "Volume", overlap: float | None = None) -> int | None:
+        """Send ``volume`` to be opened (encoded) unless the server holds it already; returns the
+        open request's id, or None when the cached features answer (same voxels, geometry,
+        modality and overlap). Non-blocking, like :meth:`send`."""
+        fingerprint = volume_fingerprint(volume, self.options.overlap if overlap is None else overlap)
+        if fingerprint == self._open_fingerprint and self.alive:
+            return None
+        path = self.write_volume(volume)
+        self._open_fingerprint = fingerprint
+        return self.send("open", path=str(path), modality=volume.modality, overlap=overlap)
+
+    def forget_volume(self) -> None:
+        """The next :meth:`send_volume` opens its volume again (after a failed open)."""
+        self._open_fingerprint = None
+
     def open(self, path: str | Path, modality: str | None = None, frame: int | None = None,
              overlap: float | None = None, progress=None) -> dict:
         """Open (and encode) a volume file; the same unchanged file again is answered from the cache.
@@ -230,3 +249,125 @@ class SessionClient:
         status = self.process.returncode
         return (f"The RefSAM3D worker stopped (exit status {status})"
                 + (f": {last.strip()}" if last else "") + "; start a new session.")
+
+
+def volume_fingerprint(volume: "Volume", overlap: float) -> str:
+    """What the server's cached features depend on: voxels, geometry, modality, overlap."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((volume.array.shape, str(volume.array.dtype), volume.modality, float(overlap))).encode())
+    digest.update(np.ascontiguousarray(volume.ijk_to_ras, dtype=np.float64).tobytes())
+    digest.update(np.ascontiguousarray(volume.array).data)
+    return digest.hexdigest()
+
+
+class SessionJob:
+    """One run through a warm :class:`SessionClient`, driven as a :class:`~RefSAM3DLib.cli_process.SegmentationJob`
+    is (``start``, ``poll`` until ``finished``, ``output_file``, ``close``; ``wait`` for scripts).
+
+    ``start`` sends the volume (unless the server holds it already: then nothing is read or
+    encoded again) and the segment request together; the server answers them in order.
+
+    Args:
+        client: the warm worker (started on first use).
+        volume: the input.
+        prompt: text naming the structures (one only with spatial prompts), or None with a gesture.
+        options: the run's options: ``overlap`` for the encoding, ``threshold``,
+            ``largest_component``, ``fill_holes`` for this answer. The model and device are the
+            client's.
+        points_ras, point_labels, box_ras: spatial prompts (see ``InteractiveSession.segment``).
+    """
+
+    def __init__(self, client: SessionClient, volume: "Volume", prompt: str | None, options: RunOptions = RunOptions(),
+                 points_ras=(), point_labels=None, box_ras=None):
+        self.client = client
+        self.volume = volume
+        self.prompt = prompt
+        self.options = options
+        self.spatial = dict(points_ras=[list(map(float, p)) for p in points_ras],
+                            point_labels=None if point_labels is None else [int(v) for v in point_labels],
+                            box_ras=None if box_ras is None else [float(v) for v in box_ras])
+        self.log_lines: list[str] = []
+        self._open_id: int | None = None
+        self._segment_id: int | None = None
+        self._reply: dict | None = None
+        self._error: BaseException | None = None
+        self._fraction = 0.0
+
+    def __enter__(self) -> "SessionJob":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Send the requests; returns at once."""
+        self._open_id = self.client.send_volume(self.volume, self.options.overlap)
+        self._segment_id = self.client.send(
+            "segment", prompt=self.prompt, threshold=self.options.threshold,
+            largest_component=self.options.largest_component, fill_holes=self.options.fill_holes, **self.spatial)
+
+    @property
+    def finished(self) -> bool:
+        return self._reply is not None or self._error is not None
+
+    def poll(self) -> list[Event]:
+        """New events since the last call (non-blocking): progress of the whole run (model loading
+        and encoding up to 0.9, decoding after; never going back) and the server's log lines."""
+        events = []
+        for event in self.client.poll():
+            if event.kind == "progress":
+                start, span = (0.0, 0.9) if self._open_id is not None else (0.9, 0.1)
+                self._fraction = max(self._fraction, start + span * event.fraction)
+                event = Event("progress", event.text, self._fraction)
+            events.append(event)
+        self.log_lines.extend(e.text for e in events if e.kind in ("log", "error_log"))
+        if not self.finished:
+            self._collect()
+        return events
+
+    def _collect(self) -> None:
+        try:
+            if self._open_id is not None and self.client.reply(self._open_id) is not None:
+                self._open_id = None
+            if self._open_id is None:
+                self._reply = self.client.reply(self._segment_id)
+        except (RefSAM3DError, Cancelled) as error:
+            if self._open_id is not None:  # the volume never opened: the next run must send it again
+                self.client.forget_volume()
+            self._error = error
+
+    def wait(self, on_event=None, between=None, interval_s: float = 0.05) -> None:
+        """Block until the answer, passing events to ``on_event``; ``between()`` runs between polls."""
+        while not self.finished:
+            for event in self.poll():
+                if on_event is not None:
+                    on_event(event)
+            if between is not None:
+                between()
+            if not self.finished:
+                time.sleep(interval_s)
+
+    def cancel(self) -> None:
+        """Stop now: the server ends (the client is then unusable; make a new one)."""
+        self.client.cancel()
+
+    @property
+    def reply(self) -> dict:
+        """The server's segment reply, once ``finished``; raises as :meth:`output_file`."""
+        if self._error is not None:
+            raise self._error
+        if self._reply is None:
+            raise RefSAM3DError("The segmentation is still running; wait for it to finish.")
+        return self._reply
+
+    def output_file(self) -> Path:
+        """The answer's .seg.nrrd (world geometry of the input), once ``finished``; it lives until
+        ``close()``. Raises ``Cancelled`` after a cancel, ``RefSAM3DError`` (the server's one-line
+        message) when the request failed."""
+        return Path(self.reply["output"])
+
+    def close(self) -> None:
+        """Remove this answer's files (the server and its cache stay)."""
+        if self._reply is not None:
+            for path in self._reply.get("files", []):
+                Path(path).unlink(missing_ok=True)

@@ -17,12 +17,12 @@ Requests (``"id"`` any JSON value, echoed):
   file and encode it (:class:`InteractiveSession`); the same path with the same modification time,
   size and options reuses the cached session. Reply: ``windows``, ``encode_s``, ``reused``,
   ``shape_kji``, ``warnings``.
-* ``{"op": "segment", "prompt": null, "points_ras": [], "point_labels": null, "box_ras": null,
+* ``{"op": "segment", "prompt": null (a text or a list of texts), "points_ras": [], "point_labels": null, "box_ras": null,
   "threshold": null, "largest_component": null, "fill_holes": null, "output": null,
-  "overwrite": false}``: one structure from the cache, written atomically on the input grid
-  (``.seg.nrrd`` by default in the server's folder; a label map suffix writes a label map and its
-  JSON). Reply: ``output``, ``files``, ``prompt``, ``structure``, ``volume_ml``, ``warnings``,
-  ``elapsed_s``.
+  "overwrite": false}``: the prompt's structures from the cache (several only without points or a
+  box), written atomically on the input grid (``.seg.nrrd`` by default in the server's folder; a
+  label map suffix writes a label map and its JSON). Reply: ``output``, ``files``, ``segments``
+  (one ``{prompt, structure, volume_ml}`` per structure), ``warnings``, ``elapsed_s``.
 * ``{"op": "close"}``: drop the session and its cache. Reply: ``closed`` (whether one was open).
 
 A null or absent ``overlap``, ``threshold``, ``largest_component`` or ``fill_holes`` is the
@@ -108,7 +108,7 @@ class SessionServer:
             self.close(request)  # the old cache goes before the new one is built
             self.progress(0.0, f"Encoding {volume.name}")
             options = dataclasses.replace(self.options, overlap=overlap)
-            self.session = InteractiveSession(volume, model=self.model, options=options)
+            self.session = InteractiveSession(volume, model=self.model, options=options, progress=self.progress)
             self.session_key = key
             self.encodes += 1
         session = self.session
@@ -135,15 +135,17 @@ class SessionServer:
             largest_component=_field(request, "largest_component", bool, self.options.largest_component),
             fill_holes=_field(request, "fill_holes", bool, self.options.fill_holes))
         self.progress(0.0, "Decoding from the cached features")
+        prompt = _field(request, "prompt", (str, list), None)
+        if isinstance(prompt, list) and not all(isinstance(text, str) for text in prompt):
+            raise RefSAM3DError(f"'prompt' must be a text or a list of texts; got {_one_line(json.dumps(prompt))[:200]}.")
         result = self.session.segment(
-            _field(request, "prompt", str, None), points_ras=points.reshape(-1, 3),
+            prompt, points_ras=points.reshape(-1, 3),
             point_labels=_field(request, "point_labels", list, None), box_ras=box)
         files = write_result(result, output, overwrite)
-        segment = result.segments[0]
-        return {"output": str(files[0]), "files": [str(f) for f in files], "prompt": segment.prompt,
-                "structure": segment.structure.key if segment.structure else None,
-                "volume_ml": round(result.volume_ml(segment), 3), "warnings": result.warnings,
-                "elapsed_s": round(time.perf_counter() - started, 3)}
+        segments = [{"prompt": segment.prompt, "structure": segment.structure.key if segment.structure else None,
+                     "volume_ml": round(result.volume_ml(segment), 3)} for segment in result.segments]
+        return {"output": str(files[0]), "files": [str(f) for f in files], "segments": segments,
+                "warnings": result.warnings, "elapsed_s": round(time.perf_counter() - started, 3)}
 
     def close(self, request: dict) -> dict:
         closed = self.session is not None

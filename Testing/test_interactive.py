@@ -47,6 +47,19 @@ def test_text_alone_equals_the_engine_on_the_same_volume(session, tiny, oblique_
     assert answer.model_name == engine.model_name
 
 
+def test_several_structures_equal_the_engine_label_map_included(session, tiny, oblique_ct, monkeypatch):
+    # 0.4: the random network's masks all cover the volume, so the label map's choice is what differs.
+    options = RunOptions(device="cpu", threshold=0.4)
+    engine = segment(oblique_ct, "liver, spleen, aorta", model=tiny, options=options)
+    monkeypatch.setattr(session, "options", options)
+    answer = session.segment("liver, spleen, aorta")
+    assert [s.structure.key for s in answer.segments] == ["liver", "spleen", "aorta"]
+    for mine, theirs in zip(answer.segments, engine.segments):
+        np.testing.assert_array_equal(mine.mask, theirs.mask)
+    np.testing.assert_array_equal(answer.label_map, engine.label_map)
+    assert len(np.unique(engine.label_map)) == 3, "the label map must hold several structures to compare"
+
+
 def test_gestures_never_run_the_image_encoder_again(session):
     calls = []
     handle = session.model.image_encoder.register_forward_hook(lambda *args: calls.append(1))

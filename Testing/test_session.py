@@ -15,6 +15,7 @@ import torch
 
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.interactive import InteractiveSession
+from RefSAM3DLib.model_info import model_summary
 from RefSAM3DLib.result_files import read_seg_nrrd
 from RefSAM3DLib.run_options import RunOptions
 from RefSAM3DLib.session_client import SessionClient
@@ -23,6 +24,7 @@ from test_cli_process import _alive, _wait_until
 
 torch.set_num_threads(1)  # the server runs with one thread too: the same sums, the same voxels
 STARTUP_S = 600  # torch import and model load, on a machine busy with a training run
+BUNDLED = model_summary(None).name  # the bundled model's name, which every output carries
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def centre_ras(volume) -> np.ndarray:
 def client(tmp_path_factory):
     with SessionClient(RunOptions(device="cpu"), threads=1, temp_root=tmp_path_factory.mktemp("sessions")) as client:
         ready = client.wait(client.start(), timeout_s=STARTUP_S)
-        assert ready["model"] == "refsam3d-small-v4" and ready["device"] == "cpu"
+        assert ready["model"] == BUNDLED and ready["device"] == "cpu"
         yield client
 
 
@@ -55,13 +57,13 @@ def test_one_encoding_answers_two_text_prompts(client, crop_path, volume):
     assert (opened["encodes"], opened["windows"], opened["reused"]) == (1, 1, False)
     assert opened["shape_kji"] == list(volume.shape_kji)
     assert client.open(crop_path, modality="CT")["reused"]  # same file, unchanged: the cache answers
-    for prompt in ("liver", "spleen"):
+    for prompt, keys in (("liver", ["liver"]), ("spleen\nleft kidney", ["spleen", "kidney_left"])):
         reply = client.segment(prompt)
-        assert reply["encodes"] == 1 and reply["structure"] == prompt
+        assert reply["encodes"] == 1 and [s["structure"] for s in reply["segments"]] == keys
         result = read_seg_nrrd(reply["output"], reference=volume)
-        assert [s.structure.key for s in result.segments] == [prompt]
+        assert [s.structure.key for s in result.segments] == keys
         assert result.segments[0].mask.shape == volume.shape_kji
-        assert result.model_name == "refsam3d-small-v4"
+        assert result.model_name == BUNDLED
 
 
 def test_a_gesture_equals_the_session_run_in_process(client, crop_path, volume):

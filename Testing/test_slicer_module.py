@@ -294,6 +294,67 @@ def test_the_logic_runs_end_to_end_on_slicer_core(refsam3d_module, slicer_app, s
 
     assert logic.undoLastRun()
     assert segmentation_node.GetScene() is None, "undo removes the segmentation the run created"
+    logic.closeSession()
+
+
+def test_markups_refine_a_segment_from_the_warm_worker_and_undo_puts_it_back(refsam3d_module, slicer_app, samples_dir,
+                                                                                 tmp_path):
+    """Issue 10's Slicer gesture: a text run, then an ROI (box) and an outside point placed as
+    markups refine the selected segment in place from the cached features (no new encoding); Undo
+    restores the previous mask voxel for voxel."""
+    import numpy as np
+    import SimpleITK as sitk
+    import slicer
+    import vtk
+
+    from RefSAM3DLib import mrml
+    from RefSAM3DLib.run_options import RunOptions
+
+    image = sitk.ReadImage(str(samples_dir / "msd_spleen_2_crop_image.nii.gz"))
+    sitk.WriteImage(image[30:130, 40:140, :], str(tmp_path / "ct.nrrd"))
+    (volume_node,) = slicer_app.io_manager.load_volumes(str(tmp_path / "ct.nrrd"))
+    logic = refsam3d_module.RefSAM3DLogic()
+    options = RunOptions(device="cpu")
+    try:
+        segmentation_node = logic.process(volume_node, "spleen", options=options)
+        segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+        before = mrml.segmentation_node_to_labelmap_array(segmentation_node, volume_node, [segment_id])
+        assert before.any()
+        # A box over the middle third of the mask's extent (slices k), so that the text's mask reaches beyond it.
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(ijk_to_ras)
+        ijk_to_ras = slicer.util.arrayFromVTKMatrix(ijk_to_ras)
+        kji = np.argwhere(before)
+        low, high = kji.min(axis=0), kji.max(axis=0)
+        third = (high[0] - low[0]) // 3
+        corners_kji = np.array([[low[0] + third, low[1], low[2]], [high[0] - third, high[1], high[2]]])
+        corners_ras = (ijk_to_ras @ np.c_[corners_kji[:, ::-1], np.ones(2)].T).T[:, :3]
+        roi = slicer_app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+        roi.SetXYZ(*corners_ras.mean(axis=0))
+        roi.SetRadiusXYZ(*(np.abs(corners_ras[1] - corners_ras[0]) / 2))
+        outside = slicer_app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+        outside.AddControlPoint(vtk.vtkVector3d(*(ijk_to_ras @ np.r_[low[::-1], 1.0])[:3]))
+        box = mrml.roi_box_ras(roi)
+        np.testing.assert_allclose(np.sort([box[0], box[3]]), np.sort(corners_ras[:, 0]), atol=1e-6)
+
+        logic.refine(volume_node, segmentation_node, segment_id, negativePoints=mrml.control_points_ras(outside),
+                     boxRas=box, options=options)
+
+        segmentation = segmentation_node.GetSegmentation()
+        assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegmentID(0) == segment_id
+        assert segmentation.GetSegment(segment_id).GetName() == "Spleen"
+        after = mrml.segmentation_node_to_labelmap_array(segmentation_node, volume_node, [segment_id])
+        assert after.any() and not np.array_equal(after, before)
+        k = np.argwhere(after)[:, 0]
+        grow = max(0.1 * (2 * third), 2 * 3.0 / volume_node.GetSpacing()[2]) + 1  # the box's margin, in slices
+        assert low[0] + third - grow <= k.min() and k.max() <= high[0] - third + grow, "the box bounds the mask"
+        assert logic.session.ready is not None
+        assert logic.undoLastRun()
+        np.testing.assert_array_equal(mrml.segmentation_node_to_labelmap_array(segmentation_node, volume_node, [segment_id]),
+                                      before)
+        assert not logic.undoLastRun(), "one level of undo"
+    finally:
+        logic.closeSession()
 
 
 def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_app, tmp_path):
@@ -334,6 +395,7 @@ def test_logic_process_matches_the_cli_voxel_for_voxel(refsam3d_module, slicer_a
     logic = refsam3d_module.RefSAM3DLogic()
     segmentation_node = logic.process(node, "liver, spleen", options=RunOptions(device="cpu", model=str(model_dir)),
                                       progressCallback=lambda fraction, message: fractions.append(fraction))
+    logic.closeSession()
 
     assert main(["segment", str(input_path), "--prompt", "liver", "--prompt", "spleen", "--output",
                  str(tmp_path / "cli.seg.nrrd"), "--device", "cpu", "--model", str(model_dir)]) == 0
