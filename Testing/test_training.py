@@ -296,6 +296,13 @@ def test_a_config_overrides_the_base_it_names(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n", encoding="utf-8")
     with pytest.raises(RefSAM3DError, match="comes back"):
         load_config(tmp_path / "a.yaml")
+    v5 = load_config(configs / "train_small_v5.yaml")  # two levels of base: v5 -> continue -> small
+    assert (v5["training"]["exclusive_weight"], v5["training"]["lr"], v5["datasets"]) == (1.0, 3.0e-4, small["datasets"])
+    assert small["training"]["exclusive_weight"] == 0.0
+    (tmp_path / "bad.yaml").write_text("base: " + str(configs / "train_small.yaml") + "\ntraining: {exclusive_weight: -1}\n",
+                                       encoding="utf-8")
+    with pytest.raises(RefSAM3DError, match="exclusive_weight must be a number"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_prompt_table_serves_the_text_encoders_own_embeddings(toy_config, tmp_path):

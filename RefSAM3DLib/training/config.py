@@ -91,6 +91,9 @@ def load_config(source: dict | str | Path) -> dict:
     if not config["datasets"]:
         raise RefSAM3DError("the config lists no datasets; add a 'datasets' section")
     _check_interactive(config["interactive"])
+    weight = config["training"]["exclusive_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 100:
+        raise RefSAM3DError(f"training.exclusive_weight must be a number in 0..100, not {weight!r}; fix the config")
 
     config["output"] = str((base / config["output"]).resolve())
     config["cache"] = str((base / config["cache"]).resolve()) if config["cache"] else str(Path(config["output"]) / "cache")
