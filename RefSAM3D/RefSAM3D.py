@@ -669,7 +669,7 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
             selector.connect("currentNodeChanged(vtkMRMLNode*)", placeWidget.setCurrentNode)
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self._observeGestureNodes)
-        self.ui.boxPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForceSinglePlaceMarkups
+        self.ui.boxPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.segmentsTableView.connect("selectionChanged(QItemSelection,QItemSelection)",
                                           lambda *selections: self._updateButtons())
 
