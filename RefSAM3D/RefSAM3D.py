@@ -825,9 +825,10 @@ class RefSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.advancedCollapsibleButton, self.ui.addStructureButton):
             widget.enabled = not busy
         self.ui.undoButton.enabled = not busy and self.logic.lastRun is not None
-        self.ui.refineButton.enabled = not busy and hasInput and len(self._selectedSegmentIds()) == 1
+        oneSegment = len(self._selectedSegmentIds()) == 1
+        self.ui.refineButton.enabled = not busy and hasInput and oneSegment
         self.ui.refineButton.toolTip = (_("Compute the selected segment again with its prompt and the points and box above.")
-                                        if len(self._selectedSegmentIds()) == 1 else _("Select one segment in the Segments list"))
+                                        if oneSegment else _("Select one segment in the Segments list"))
 
     # Actions
 

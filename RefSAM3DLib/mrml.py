@@ -260,6 +260,15 @@ def result_to_segmentation_node(result, reference_volume_node, segmentation_node
     return segmentation_node
 
 
+def _remove_node(node) -> None:
+    """Remove a helper node the bridge added to the scene, with its display node."""
+    scene = node.GetScene()
+    display_node = node.GetDisplayNode()
+    if display_node is not None:
+        scene.RemoveNode(display_node)
+    scene.RemoveNode(node)
+
+
 def _read_segmentation_file(path, segmentation_node, frame_node) -> None:
     """Slicer's own .seg.nrrd reader (C++), into ``segmentation_node`` (in a scene), its segments
     then moved from the file's world RAS into ``frame_node``'s local frame (where they will live).
@@ -337,10 +346,7 @@ def import_segmentation_file(path, reference_volume_node, segmentation_node=None
     finally:
         target_node.EndModify(was_modifying)
         if not created:
-            display_node = loaded.GetDisplayNode()
-            if display_node is not None:
-                scene.RemoveNode(display_node)
-            scene.RemoveNode(loaded)
+            _remove_node(loaded)
     if created:
         _place_next_to(target_node, reference_volume_node)
     return target_node, added
@@ -376,10 +382,7 @@ def replace_segment_from_file(path, segmentation_node, segment_id):
         segmentation_node.GetBinaryLabelmapRepresentation(segment_id, previous)
         _set_segment_mask(segmentation_node, segment_id, mask)
     finally:
-        display_node = loaded.GetDisplayNode()
-        if display_node is not None:
-            scene.RemoveNode(display_node)
-        scene.RemoveNode(loaded)
+        _remove_node(loaded)
     return previous
 
 
@@ -494,8 +497,5 @@ def segmentation_node_to_labelmap_array(segmentation_node, reference_volume_node
             raise RefSAM3DError(f"Slicer could not export {segmentation_node.GetName()} onto {reference_volume_node.GetName()}.")
         labels = np.array(slicer.util.arrayFromVolume(labelmap_node), copy=True)
     finally:
-        display_node = labelmap_node.GetDisplayNode()
-        if display_node is not None:
-            scene.RemoveNode(display_node)
-        scene.RemoveNode(labelmap_node)
+        _remove_node(labelmap_node)
     return labels.astype(np.uint8 if len(segment_ids) <= 255 else np.uint16)

@@ -66,6 +66,7 @@ class SessionClient:
         self.ready: dict | None = None
         """The server's first reply: ``model``, ``model_version``, ``device`` (or its ``error``)."""
         self._replies: dict = {}
+        self._undelivered: list[Event] = []  # events reply() read, for the next poll()
         self._ids = itertools.count(READY_ID + 1)
         self._volumes = itertools.count(1)
         self._volume_file: Path | None = None
@@ -115,7 +116,7 @@ class SessionClient:
     def poll(self) -> list[Event]:
         """Every event since the last call, never blocking: ``progress`` (``fraction``, ``text``),
         ``reply`` (``text`` the JSON line; the reply itself through :meth:`reply`) and log lines."""
-        events = []
+        events, self._undelivered = self._undelivered, []
         for event in self.process.poll() if self.process is not None else []:
             if event.kind == "log" and event.text.startswith("{"):
                 try:
@@ -136,7 +137,7 @@ class SessionClient:
         """The reply to ``request_id`` once it came (None before); RefSAM3DError for an error reply
         or a server that stopped without answering, Cancelled after :meth:`cancel`."""
         finished = self.process is not None and self.process.finished  # before draining: nothing can follow
-        self.poll()
+        self._undelivered = self.poll()
         if request_id in self._replies:
             reply = self._replies.pop(request_id)
             if not reply.get("ok"):
@@ -202,16 +203,21 @@ class SessionClient:
         # Absolute: the server's working folder is the session's, not ours.
         return self.request("open", progress, path=str(Path(path).expanduser().absolute()), modality=modality, frame=frame, overlap=overlap)
 
-    def segment(self, prompt: str | None = None, points_ras=(), point_labels=None, box_ras=None,
+    def send_segment(self, prompt=None, points_ras=(), point_labels=None, box_ras=None,
+                     output: str | Path | None = None, **options) -> int:
+        """Send a segment request (see :meth:`segment`); returns its id at once."""
+        return self.send("segment", prompt=prompt, points_ras=[list(map(float, p)) for p in points_ras],
+                         point_labels=None if point_labels is None else [int(v) for v in point_labels],
+                         box_ras=None if box_ras is None else [float(v) for v in box_ras],
+                         output=None if output is None else str(Path(output).expanduser().absolute()), **options)
+
+    def segment(self, prompt=None, points_ras=(), point_labels=None, box_ras=None,
                 output: str | Path | None = None, progress=None, **options) -> dict:
-        """One structure from the cache (see ``InteractiveSession.segment``); ``options``:
-        ``threshold``, ``largest_component``, ``fill_holes`` (default: the session's ``options``),
-        ``overwrite``. The reply's ``output``
-        is the .seg.nrrd (default: in the session's folder, removed by :meth:`close`)."""
-        return self.request("segment", progress, prompt=prompt, points_ras=[list(map(float, p)) for p in points_ras],
-                            point_labels=None if point_labels is None else [int(v) for v in point_labels],
-                            box_ras=None if box_ras is None else [float(v) for v in box_ras],
-                            output=None if output is None else str(Path(output).expanduser().absolute()), **options)
+        """The prompt's structures from the cache (see ``InteractiveSession.segment``; a text or
+        a list of texts); ``options``: ``threshold``, ``largest_component``, ``fill_holes``
+        (default: the session's ``options``), ``overwrite``. The reply's ``output`` is the
+        .seg.nrrd (default: in the session's folder, removed by :meth:`close`)."""
+        return self.wait(self.send_segment(prompt, points_ras, point_labels, box_ras, output, **options), progress)
 
     def close_volume(self) -> dict:
         """Drop the open volume's cache (the model stays loaded)."""
@@ -283,9 +289,7 @@ class SessionJob:
         self.volume = volume
         self.prompt = prompt
         self.options = options
-        self.spatial = dict(points_ras=[list(map(float, p)) for p in points_ras],
-                            point_labels=None if point_labels is None else [int(v) for v in point_labels],
-                            box_ras=None if box_ras is None else [float(v) for v in box_ras])
+        self.spatial = dict(points_ras=points_ras, point_labels=point_labels, box_ras=box_ras)
         self.log_lines: list[str] = []
         self._open_id: int | None = None
         self._segment_id: int | None = None
@@ -302,9 +306,9 @@ class SessionJob:
     def start(self) -> None:
         """Send the requests; returns at once."""
         self._open_id = self.client.send_volume(self.volume, self.options.overlap)
-        self._segment_id = self.client.send(
-            "segment", prompt=self.prompt, threshold=self.options.threshold,
-            largest_component=self.options.largest_component, fill_holes=self.options.fill_holes, **self.spatial)
+        self._segment_id = self.client.send_segment(
+            self.prompt, **self.spatial, threshold=self.options.threshold,
+            largest_component=self.options.largest_component, fill_holes=self.options.fill_holes)
 
     @property
     def finished(self) -> bool:
@@ -338,14 +342,16 @@ class SessionJob:
 
     def wait(self, on_event=None, between=None, interval_s: float = 0.05) -> None:
         """Block until the answer, passing events to ``on_event``; ``between()`` runs between polls."""
-        while not self.finished:
+        while True:
+            finished = self.finished  # read before the last poll: the answer's own events come with it
             for event in self.poll():
                 if on_event is not None:
                     on_event(event)
+            if finished:
+                return
             if between is not None:
                 between()
-            if not self.finished:
-                time.sleep(interval_s)
+            time.sleep(interval_s)
 
     def cancel(self) -> None:
         """Stop now: the server ends (the client is then unusable; make a new one)."""

@@ -48,14 +48,14 @@ class PromptLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.to(logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(logits, target)
+        cross_entropy = F.binary_cross_entropy_with_logits(logits, target)
         if self.exclusive_weight > 0:
-            bce = bce + self.exclusive_weight * exclusive_cross_entropy(logits, target)
+            cross_entropy = cross_entropy + self.exclusive_weight * exclusive_cross_entropy(logits, target)
         present = target.flatten(2).amax(dim=2) > 0  # (B, P)
         if not present.any():
-            return bce
+            return cross_entropy
         dice = self.dice(logits, target).reshape(present.shape)
-        return bce + self.dice_weight * dice[present].mean()
+        return cross_entropy + self.dice_weight * dice[present].mean()
 
 
 def exclusive_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
