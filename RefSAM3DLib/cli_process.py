@@ -376,6 +376,22 @@ class ChildProcess:
         psutil.wait_procs(members, timeout=_TERMINATE_GRACE_S)
 
 
+def wait_for_job(job, on_event=None, between=None, interval_s: float = 0.05) -> None:
+    """Block until ``job`` (anything with ``finished`` and ``poll()``) is finished, passing every
+    event of its ``poll`` to ``on_event``; ``between()`` runs between polls (Slicer's
+    ``processEvents``, so the GUI stays alive)."""
+    while True:
+        finished = job.finished  # read before the last poll: the final events come with it
+        for event in job.poll():
+            if on_event is not None:
+                on_event(event)
+        if finished:
+            return
+        if between is not None:
+            between()
+        time.sleep(interval_s)
+
+
 class SegmentationJob:
     """Segment one :class:`Volume` with ``refsam3d segment`` in a child process.
 
@@ -452,18 +468,8 @@ class SegmentationJob:
         return events
 
     def wait(self, on_event=None, between=None, interval_s: float = 0.05) -> None:
-        """Block until the child ends, passing every event of :meth:`poll` to ``on_event``;
-        ``between()`` runs between polls (Slicer's ``processEvents``, so the GUI stays alive)."""
-        while True:
-            finished = self.finished  # read before the last poll: every line is queued by then
-            for event in self.poll():
-                if on_event is not None:
-                    on_event(event)
-            if finished:
-                return
-            if between is not None:
-                between()
-            time.sleep(interval_s)
+        """Block until the child ends (:func:`wait_for_job`)."""
+        wait_for_job(self, on_event, between, interval_s)
 
     def cancel(self) -> None:
         if self.process is not None:

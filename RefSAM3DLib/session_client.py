@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cli_process import TEMP_PREFIX, ChildProcess, Event, library_environment
+from .cli_process import TEMP_PREFIX, ChildProcess, Event, library_environment, wait_for_job
 from .errors import Cancelled, RefSAM3DError
 from .run_options import RunOptions
 
@@ -341,17 +341,8 @@ class SessionJob:
             self._error = error
 
     def wait(self, on_event=None, between=None, interval_s: float = 0.05) -> None:
-        """Block until the answer, passing events to ``on_event``; ``between()`` runs between polls."""
-        while True:
-            finished = self.finished  # read before the last poll: the answer's own events come with it
-            for event in self.poll():
-                if on_event is not None:
-                    on_event(event)
-            if finished:
-                return
-            if between is not None:
-                between()
-            time.sleep(interval_s)
+        """Block until the answer (:func:`~RefSAM3DLib.cli_process.wait_for_job`)."""
+        wait_for_job(self, on_event, between, interval_s)
 
     def cancel(self) -> None:
         """Stop now: the server ends (the client is then unusable; make a new one)."""
