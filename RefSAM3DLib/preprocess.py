@@ -1,9 +1,14 @@
 """The one preprocessing, shared by training and inference, and its inverse.
 
 Model space is an axis-aligned grid at the model's spacing with identity LPS direction
-(i -> L, j -> P, k -> S) that covers the input's physical bounding box. Whatever the input's
-orientation (oblique, flipped axes, anisotropic voxels), the model sees the anatomy the same way
-round; the array handed to it is ``(D, H, W) = (k, j, i)`` of that grid.
+(i -> L, j -> P, k -> S) that covers the input's physical bounding box, then cropped to the body
+(:func:`body_box`). Whatever the input's orientation (oblique, flipped axes, anisotropic voxels),
+the model sees the anatomy the same way round; the array handed to it is ``(D, H, W) = (k, j, i)``
+of that grid.
+
+The body crop is why training, validation and every run see the same windows: training has always
+learnt from body-cropped volumes, and the air around a patient is windows of work that find
+nothing (a BTCV-size CT: 4 windows instead of 8).
 
 Volumes smaller than one model window need no special case here: MONAI's
 ``sliding_window_inference`` pads the image up to the window (constant 0, the darkest normalised
@@ -25,6 +30,11 @@ from .geometry import Grid, ijk_to_lps_from_ras, resample, sitk_from_array
 from .volume import MODALITIES, Volume
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+
+BODY_THRESHOLD = 0.01
+"""Normalised intensity above which a model voxel counts as body (CT: above -121 HU; MR: above
+1 % of the percentile range, so a noisy MR background keeps its whole grid)."""
+BODY_MARGIN_VOX = 2
 
 
 @dataclass(frozen=True)
@@ -93,14 +103,37 @@ def model_grid(volume: Volume, spacing_mm) -> ModelGrid:
     return ModelGrid(model=model, input=Grid.of_volume(volume))
 
 
+def _sub_grid(grid: Grid, box: tuple[slice, slice, slice]) -> Grid:
+    """The part of ``grid`` that ``box`` (``(k, j, i)`` slices) covers: same spacing and
+    direction, moved origin."""
+    start_ijk = np.array([part.start for part in box[::-1]], dtype=np.float64)
+    origin = np.asarray(grid.origin_lps) + grid.ijk_to_lps[:3, :3] @ start_ijk
+    return dataclasses.replace(grid, size_ijk=tuple(part.stop - part.start for part in box[::-1]),
+                               origin_lps=tuple(float(v) for v in origin))
+
+
+def body_box(image_dhw: np.ndarray) -> tuple[slice, slice, slice]:
+    """The bounding box of the voxels above ``BODY_THRESHOLD``, grown by ``BODY_MARGIN_VOX``:
+    ``(d, h, w)`` slices of ``image_dhw`` (normalised intensities); all of it where none is above."""
+    inside = image_dhw > BODY_THRESHOLD
+    if not inside.any():
+        return tuple(slice(0, size) for size in image_dhw.shape)
+    box = []
+    for axis, size in enumerate(image_dhw.shape):
+        hits = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, int(hits[0]) - BODY_MARGIN_VOX), min(size, int(hits[-1]) + 1 + BODY_MARGIN_VOX)))
+    return tuple(box)
+
+
 def to_model_space(volume: Volume, spacing_mm, intensity: IntensitySettings
                    ) -> tuple[np.ndarray, ModelGrid]:
-    """Resample ``volume`` into model space and normalise its intensities.
+    """Resample ``volume`` into model space, normalise its intensities and crop it to the body.
 
     Linear interpolation; outside the input the image takes the volume's minimum (background).
 
     Returns:
-        ``(image_dhw, grid)``: float32 ``(D, H, W)`` in [0, 1], and the grids to go back.
+        ``(image_dhw, grid)``: float32 ``(D, H, W)`` in [0, 1] on ``grid.model`` (the body's box of
+        :func:`model_grid`), and the grids to go back.
     """
     grid = model_grid(volume, spacing_mm)
     background = float(volume.array.min())
@@ -119,7 +152,10 @@ def to_model_space(volume: Volume, spacing_mm, intensity: IntensitySettings
         high = low + 1.0  # a constant image: everything maps to 0 instead of dividing by zero
     scale = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True,
                                 dtype=np.float32)
-    return np.asarray(scale(image_dhw), dtype=np.float32), grid
+    image_dhw = np.asarray(scale(image_dhw), dtype=np.float32)
+    box = body_box(image_dhw)
+    cropped = ModelGrid(model=_sub_grid(grid.model, box), input=grid.input)
+    return np.ascontiguousarray(image_dhw[box]), cropped
 
 
 def labels_to_model_space(label_volume: Volume, grid: ModelGrid) -> np.ndarray:
@@ -166,14 +202,6 @@ def input_box(region_dhw: np.ndarray, grid: ModelGrid) -> InputBox | None:
     if np.any(stop <= start):
         return None
     return tuple(slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))
-
-
-def _sub_grid(grid: Grid, box: InputBox) -> Grid:
-    """The part of ``grid`` that ``box`` covers: same spacing and direction, moved origin."""
-    start_ijk = np.array([part.start for part in box[::-1]], dtype=np.float64)
-    origin = np.asarray(grid.origin_lps) + grid.ijk_to_lps[:3, :3] @ start_ijk
-    return dataclasses.replace(grid, size_ijk=tuple(part.stop - part.start for part in box[::-1]),
-                               origin_lps=tuple(float(v) for v in origin))
 
 
 def from_model_space(channel_dhw: np.ndarray, grid: ModelGrid,

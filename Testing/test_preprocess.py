@@ -9,8 +9,8 @@ from scipy.spatial.transform import Rotation
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.geometry import LPS_TO_RAS
 from RefSAM3DLib.volume_reader import read_volume
-from RefSAM3DLib.preprocess import (IntensitySettings, from_model_space, labels_to_model_space,
-                                    model_grid, to_model_space)
+from RefSAM3DLib.preprocess import (BODY_MARGIN_VOX, BODY_THRESHOLD, IntensitySettings, from_model_space,
+                                    labels_to_model_space, model_grid, to_model_space)
 from RefSAM3DLib.volume import Volume
 
 CT = IntensitySettings("CT", ct_window_hu=(-160.0, 240.0), mr_percentiles=(0.5, 99.5))
@@ -63,6 +63,30 @@ def test_image_round_trip_recovers_blob_from_normalised_intensities():
     back = from_model_space(image_dhw, grid)
     # 60 HU in a (-160, 240) window is 0.55; air is 0: threshold half way.
     assert dice(back >= 0.275, blob) > 0.9
+
+
+def test_model_space_is_cropped_to_the_body_with_a_margin_of_air():
+    volume, blob = ellipsoid_volume()
+    whole = model_grid(volume, (1.5, 1.5, 1.5))
+    image, grid = to_model_space(volume, (1.5, 1.5, 1.5), CT)
+    assert image.shape == grid.shape_dhw
+    assert all(cropped < full for cropped, full in zip(grid.shape_dhw, whole.shape_dhw))
+    body = image > BODY_THRESHOLD
+    for axis in range(3):
+        hits = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        assert hits[0] == BODY_MARGIN_VOX and hits[-1] == image.shape[axis] - 1 - BODY_MARGIN_VOX
+    # The crop is a part of the whole grid: same spacing and axes, the origin on its voxels.
+    offset = (np.array(grid.model.origin_lps) - np.array(whole.model.origin_lps)) / 1.5
+    assert grid.model.direction == whole.model.direction and np.allclose(offset, np.round(offset))
+    # Outside the crop the way back gives 0 (air), and the body lands where it was.
+    back = from_model_space(image, grid)
+    assert dice(back >= 0.275, blob) > 0.9 and back[blob == 0].max() < 0.275
+
+
+def test_an_image_with_no_body_keeps_its_whole_grid():
+    volume = Volume(np.full((10, 12, 14), -1000, np.int16), np.eye(4), modality="CT")
+    image, grid = to_model_space(volume, (1.0, 1.0, 1.0), CT)
+    assert grid.model.matches(model_grid(volume, (1.0, 1.0, 1.0)).model) and image.shape == (10, 12, 14)
 
 
 def test_model_grid_is_axis_aligned_lps_and_covers_the_input():

@@ -146,7 +146,9 @@ def test_cache_holds_model_space_case_with_its_annotated_structures(samples_dir,
                                  IntensitySettings.from_config(config, "MR"))
     label = labels_to_model_space(read_volume(cases[0].label_path), grid)
     assert case["image"].max() <= IMAGE_LEVELS
-    # Cropping to the body keeps every labelled voxel and the intensities up to the quantisation step.
+    # The cache holds the engine's body-cropped model space: every labelled voxel, the intensities up
+    # to the quantisation step.
+    assert case["label"].shape == label.shape == image.shape
     assert (case["label"] == 1).sum() == (label == 1).sum() and (case["label"] == 2).sum() == (label == 3).sum()
     assert abs(case["image"].astype(float).mean() / IMAGE_LEVELS * case["image"].size - image.sum()) < 0.02 * image.sum()
 

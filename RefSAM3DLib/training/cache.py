@@ -2,8 +2,8 @@
 
 The cache is what a training machine receives: it needs numpy and torch only (no SimpleITK, no
 raw data). Each case goes through the same :func:`preprocess.to_model_space` /
-:func:`preprocess.labels_to_model_space` as inference, is cropped to its body's bounding box
-(the air around a patient carries nothing to learn and costs bytes) and is stored as
+:func:`preprocess.labels_to_model_space` as inference (so it arrives cropped to its body's
+bounding box, as every run's volume is) and is stored as
 
 * ``image``: the [0, 1] model intensities quantised to ``IMAGE_LEVELS`` + 1 levels (CT: 6.3 HU
   steps of the 400 HU window, below CT noise; MR: 1/63 of the percentile range), differenced
@@ -34,9 +34,6 @@ from ..datasets import Case
 
 MANIFEST = "manifest.json"
 CACHE_VERSION = 2
-# Normalised intensity above which a voxel counts as body (CT: above -121 HU; MR: above noise).
-BODY_THRESHOLD = 0.01
-BODY_MARGIN_VOX = 2
 IMAGE_LEVELS = 63
 
 
@@ -126,12 +123,11 @@ def preprocess_case(case: Case, model_config, path: Path) -> list[str]:
     lut[present] = np.arange(1, len(present) + 1)
     label = lut[label]
 
-    box = _body_box(image, label)
     np.savez(
         _tmp(path),
-        image=_pack(np.round(image[box] * IMAGE_LEVELS).astype(np.uint8)),
-        label=_pack(label[box]),
-        shape=np.asarray(label[box].shape),
+        image=_pack(np.round(image * IMAGE_LEVELS).astype(np.uint8)),
+        label=_pack(label),
+        shape=np.asarray(label.shape),
         structures=np.array(structures),
         annotated=annotated,
         case_id=case.case_id, patient_id=case.patient_id, dataset=case.dataset, modality=case.modality,
@@ -154,18 +150,6 @@ def _unpack(packed: np.ndarray, shape) -> np.ndarray:
 def _tmp(path: Path) -> Path:
     # np.savez appends ".npz" to names without it; keep the suffix last.
     return path.with_name(path.stem + ".tmp.npz")
-
-
-def _body_box(image: np.ndarray, label: np.ndarray) -> tuple[slice, ...]:
-    inside = (image > BODY_THRESHOLD) | (label > 0)
-    if not inside.any():
-        return tuple(slice(0, s) for s in image.shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(inside.any(axis=other))
-        box.append(slice(max(0, hits[0] - BODY_MARGIN_VOX), min(image.shape[axis], hits[-1] + 1 + BODY_MARGIN_VOX)))
-    return tuple(box)
 
 
 def load_case(path: Path | str) -> dict:
