@@ -29,7 +29,7 @@ from .inference import (check_memory, count_windows, decide_modality, expand_pro
 from .model.prompt_encoder import NO_TEXT_PROMPT
 from .result import LabelResult
 from .run_options import RunOptions
-from .sliding_window import blend_windows, windows_per_batch
+from .sliding_window import blend_windows, network_precision, windows_per_batch
 from .vocabulary import Prompt
 from .volume import Volume
 from .volume_reader import available_memory_bytes
@@ -138,7 +138,7 @@ class InteractiveSession:
         total = count_windows(self._image.shape[2:], self.window, self.options.overlap)
 
         def encode(windows: torch.Tensor, slices) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with network_precision(self.device):
                 features = self.model.encode_image(windows)
             for b, window_slices in enumerate(slices):
                 self._features[_window_start(window_slices)] = features.select(b)
@@ -210,7 +210,7 @@ class InteractiveSession:
             spatial_args = self._window_prompts(start, points_dhw, labels, box_dhw)
             if not has_text and not spatial_args:  # no text and nothing here: not the structure
                 return torch.zeros((1, 1) + windows.shape[2:], device=windows.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with network_precision(self.device):
                 logits = self.model.decode(windows, self._features[start], embeddings, **spatial_args)
             return torch.sigmoid(logits.float())
 

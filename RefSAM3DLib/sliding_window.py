@@ -14,6 +14,20 @@ import torch
 from monai.inferers import sliding_window_inference
 
 
+def network_precision(device: torch.device) -> torch.autocast:
+    """The autocast every network pass of a run uses: bfloat16 where the hardware computes it
+    natively (CUDA; a CPU with AVX512-BF16 or AMX, through oneDNN), float32 elsewhere.
+
+    On our 2-core Xeon (AMX) bfloat16 makes a window about 1.3x faster; on the held-out whole
+    volumes the Dice stays the same (README, "Speed"). Training's validation and the warm worker
+    use the same rule, so every path gives the same masks on the same machine.
+    """
+    if device.type == "cpu":
+        native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=any(native))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def windows_per_batch(device: torch.device, window_size_vox: int) -> int:
     """How many windows to run at once: 1 on CPU, as many as free GPU memory allows on CUDA."""
     if device.type != "cuda":
@@ -47,7 +61,7 @@ def model_space_probabilities(model, image_dhw: np.ndarray, prompt_embeddings, d
 
     def predict(windows: torch.Tensor) -> torch.Tensor:
         """(n, 1, w, w, w) image windows -> (n, P, w, w, w) probabilities, one encoder pass."""
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with network_precision(device):
             features = model.encode_image(windows)
             logits = model.decode(windows, features, prompt_embeddings)
         done[0] += windows.shape[0]
