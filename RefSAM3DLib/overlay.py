@@ -69,6 +69,27 @@ def display_range(volume: Volume) -> tuple[float, float]:
     return float(low), float(high) if high > low else float(low) + 1.0
 
 
+def segments_centre_kji(result: LabelResult) -> np.ndarray:
+    """The centre of mass ``(k, j, i)`` of all segments together (the volume's centre when all
+    are empty), computed on the masks' own contiguous voxels: a 512 x 512 x 300 union through
+    transposed views took seconds."""
+    union = np.zeros(result.reference.shape_kji, dtype=bool)
+    for segment in result.segments:
+        np.logical_or(union, segment.mask, out=union)
+    if not union.any():
+        return (np.asarray(union.shape) - 1) / 2.0
+    return np.array([np.average(np.arange(size), weights=np.count_nonzero(union, axis=tuple(a for a in range(3) if a != axis)))
+                     for axis, size in enumerate(union.shape)])
+
+
+def ras_centre(centre_kji: np.ndarray, ras_shape, perm: np.ndarray, flipped: np.ndarray) -> tuple[int, int, int]:
+    """A ``(k, j, i)`` voxel position as the nearest index of :func:`to_ras_array`'s array."""
+    centre_ijk = np.asarray(centre_kji, dtype=np.float64)[::-1]
+    index = [centre_ijk[a] for a in perm]
+    index = [size - 1 - value if flip else value for value, size, flip in zip(index, ras_shape, flipped)]
+    return tuple(int(round(value)) for value in index)
+
+
 def _outline(mask: np.ndarray) -> np.ndarray:
     from scipy.ndimage import binary_erosion
 
@@ -101,13 +122,8 @@ def overlay_figure(result: LabelResult):
     perm, flipped, oblique = ras_axes(volume.ijk_to_ras)
     spacing_ras = np.asarray(volume.spacing_mm)[perm]
     image = to_ras_array(volume.array, perm, flipped)
-    masks = [to_ras_array(segment.mask.astype(bool), perm, flipped) for segment in result.segments]
-
-    union = np.zeros(image.shape, dtype=bool)
-    for mask in masks:
-        union |= mask
-    centre = np.argwhere(union).mean(axis=0) if union.any() else (np.array(image.shape) - 1) / 2
-    centre = tuple(int(round(c)) for c in centre)
+    masks = [to_ras_array(segment.mask, perm, flipped) for segment in result.segments]
+    centre = ras_centre(segments_centre_kji(result), image.shape, perm, flipped)
 
     low, high = display_range(volume)
     images = _view_slices(image, centre)
@@ -123,8 +139,9 @@ def overlay_figure(result: LabelResult):
                   interpolation="nearest")
         layer = np.zeros((rows, cols, 4), dtype=np.float32)
         for views, colour in zip(mask_views, colours):
-            layer[views[view]] = (*colour, FILL_ALPHA)
-            layer[_outline(views[view])] = (*colour, 1.0)
+            inside = views[view] > 0
+            layer[inside] = (*colour, FILL_ALPHA)
+            layer[_outline(inside)] = (*colour, 1.0)
         ax.imshow(layer, extent=extent, interpolation="nearest")
         top, bottom, left, right = _VIEW_LETTERS[view]
         for text, xy, align in ((top, (0.5, 0.98), ("center", "top")), (bottom, (0.5, 0.02), ("center", "bottom")),
