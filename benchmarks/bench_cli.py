@@ -128,16 +128,18 @@ def child(arguments: dict) -> None:
 
 
 def _window_count(result, arguments) -> int:
+    """The windows the run visited: those of its body-cropped model space."""
     from RefSAM3DLib import preprocess
     from RefSAM3DLib.checkpoint import read_checkpoint_record
     from RefSAM3DLib.inference import count_windows
+    from RefSAM3DLib.model.config import ModelConfig
     from RefSAM3DLib.model_info import model_folder
     from RefSAM3DLib.run_options import RunOptions
 
-    record = read_checkpoint_record(model_folder(arguments["model"]))
-    config = record["model_config"]
-    grid = preprocess.model_grid(result.reference, config["spacing_mm"])
-    return count_windows(grid.shape_dhw, config["window_size_vox"], RunOptions().overlap)
+    config = ModelConfig.from_dict(read_checkpoint_record(model_folder(arguments["model"]))["model_config"])
+    intensity = preprocess.IntensitySettings.from_config(config, result.reference.modality)
+    image_dhw, _ = preprocess.to_model_space(result.reference, config.spacing_mm, intensity)
+    return count_windows(image_dhw.shape, config.window_size_vox, RunOptions().overlap)
 
 
 # --------------------------------------------------------------------------------------------
