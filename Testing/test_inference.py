@@ -8,6 +8,7 @@ from RefSAM3DLib.errors import Cancelled, RefSAM3DError
 from RefSAM3DLib.inference import count_windows, resolve_device, segment
 from RefSAM3DLib.model.build import build_model
 from RefSAM3DLib.run_options import RunOptions
+from RefSAM3DLib.sliding_window import network_precision
 from RefSAM3DLib.volume import Volume
 
 CPU = RunOptions(device="cpu")
@@ -226,3 +227,12 @@ def test_modality_is_the_stated_one_else_ct_for_hounsfield_units_else_mr_with_a_
     tiny = Volume(np.full((3, 20, 20), 40, np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
     result = segment(tiny, ["liver"], model=build_model("small").eval(), options=CPU)
     assert result.reference.modality == "MR" and any("treated as MR" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_network_runs_in_bfloat16_only_on_cpus_that_compute_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    with network_precision(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") == expected
+        assert not expected or torch.get_autocast_dtype("cpu") == torch.bfloat16
