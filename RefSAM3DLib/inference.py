@@ -153,7 +153,7 @@ def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool
     return mask
 
 
-def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, options: RunOptions):
+def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, options: RunOptions, one_piece: bool = False):
     """One prompt's model-space probabilities -> its binary mask on the input grid.
 
     Resampled, thresholded and cleaned only inside the box where the probabilities can reach the
@@ -163,6 +163,8 @@ def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, options: 
         channel_dhw: (D, H, W) float32 probabilities on ``grid.model``.
         grid: the ModelGrid of the run.
         options: the run's threshold and clean-up.
+        one_piece: the structure is one piece (``Structure.one_piece``): only then does
+            ``options.largest_component`` apply.
 
     Returns:
         ``(mask, box, probabilities)``: uint8 (K, J, I) mask on the whole input grid; the box
@@ -174,8 +176,8 @@ def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, options: 
     if box is None:
         return mask, None, None
     on_input = preprocess.from_model_space(channel_dhw, grid, interpolation="linear", box=box)
-    mask[box] = postprocess_mask((on_input >= options.threshold).astype(np.uint8), options.largest_component,
-                                 options.fill_holes)
+    mask[box] = postprocess_mask((on_input >= options.threshold).astype(np.uint8),
+                                 options.largest_component and one_piece, options.fill_holes)
     return mask, box, on_input
 
 
@@ -270,7 +272,8 @@ def segments_on_input(probabilities, parsed: Sequence[Prompt], grid: preprocess.
     for index, prompt in enumerate(parsed):
         if on_prompt is not None:
             on_prompt(index, prompt.text)
-        mask, box, on_input = mask_on_input(np.asarray(probabilities[index]), grid, options)
+        one_piece = prompt.structure is not None and prompt.structure.one_piece
+        mask, box, on_input = mask_on_input(np.asarray(probabilities[index]), grid, options, one_piece)
         if box is not None:
             label_map.add(index + 1, mask[box], on_input, box)
         del on_input

@@ -46,7 +46,10 @@ class RunOptions:
         threshold: probability at or above which a voxel belongs to the structure, in (0, 1).
         model: a bundled model's name or a checkpoint folder; None for the bundled default
             (``model_info.model_folder`` reads it).
-        largest_component: keep each structure's largest connected component.
+        largest_component: keep only the largest connected component of each structure that is
+            one piece (``Structure.one_piece``: organs, vessels, bones; not tumours, bowel or
+            groups such as the vertebrae): islands of a one-piece organ are false positives. On
+            by default; off keeps every component.
         fill_holes: fill holes enclosed by each structure.
     """
 
@@ -54,7 +57,7 @@ class RunOptions:
     overlap: float = 0.25
     threshold: float = 0.5
     model: str | None = None
-    largest_component: bool = False
+    largest_component: bool = True
     fill_holes: bool = False
 
     def __post_init__(self):
@@ -89,8 +92,7 @@ class RunOptions:
         args = [f"--device={self.device}", f"--overlap={self.overlap!r}", f"--threshold={self.threshold!r}"]
         if self.model:
             args.append(f"--model={self.model}")
-        if self.largest_component:
-            args.append("--largest-component")
+        args.append("--largest-component" if self.largest_component else "--no-largest-component")
         if self.fill_holes:
             args.append("--fill-holes")
         return args
@@ -111,6 +113,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sliding-window overlap in [0, {MAX_OVERLAP}] (default {default.overlap})")
     parser.add_argument("--threshold", type=float, default=default.threshold,
                         help=f"probability a voxel needs to belong to a structure, in (0, 1) (default {default.threshold})")
-    parser.add_argument("--largest-component", action="store_true", default=default.largest_component,
-                        help="keep the largest connected component")
+    parser.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=default.largest_component,
+                        help="keep only the largest connected component of each one-piece structure: organs, "
+                             "vessels, bones; never tumours, bowel or groups such as the vertebrae (default: on)")
     parser.add_argument("--fill-holes", action="store_true", default=default.fill_holes, help="fill enclosed holes")

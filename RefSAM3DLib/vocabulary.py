@@ -107,6 +107,13 @@ class Structure:
     type: Code
     modifier: Code | None = None
 
+    @property
+    def one_piece(self) -> bool:
+        """Whether every image shows this structure as one connected piece, so that a run keeps
+        only its largest component (``RunOptions.largest_component``). Not so for altered
+        structures (tumours, oedema: often multifocal) and for :data:`SEVERAL_PIECES`."""
+        return self.category == ANATOMICAL_STRUCTURE and self.key not in SEVERAL_PIECES
+
     def terminology_entry(self) -> str:
         """Slicer's serialised TerminologyEntry (``vtkSlicerTerminologiesModuleLogic``'s format).
 
@@ -123,6 +130,15 @@ class Structure:
         return "~".join(
             (context, self.category.serialized(), self.type.serialized(), modifier, _ANATOMIC_REGION_CONTEXT, "^^", "^^")
         )
+
+
+SEVERAL_PIECES = frozenset(
+    "pulmonary_vein costal_cartilages vertebrae thoracic_spine intervertebral_discs colon small_bowel "
+    "thyroid_gland skull".split()
+)
+"""Anatomical structures that one image may show in several pieces: groups of bones, discs or
+veins; bowel that winds out of the field of view and back; the thyroid's thin isthmus and the
+skull's sutures, which a 3 mm model space may not join."""
 
 
 @functools.cache

@@ -189,7 +189,7 @@ def test_masks_made_inside_each_structure_box_equal_those_made_on_the_whole_grid
         expected = postprocess_mask((on_input >= 0.5).astype(np.uint8), True, True)
         whole.add(value, expected, on_input)
 
-        mask, box, inside = mask_on_input(probabilities, grid, RunOptions(largest_component=True, fill_holes=True))
+        mask, box, inside = mask_on_input(probabilities, grid, RunOptions(largest_component=True, fill_holes=True), True)
         boxed.add(value, mask[box], inside, box)
 
         assert expected.any() and mask.dtype == np.uint8
@@ -236,3 +236,20 @@ def test_network_runs_in_bfloat16_only_on_cpus_that_compute_it_natively(monkeypa
     with network_precision(torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu") == expected
         assert not expected or torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_islands_are_removed_only_from_one_piece_structures_and_only_when_asked():
+    from RefSAM3DLib.inference import expand_prompts, segments_on_input
+    from RefSAM3DLib.preprocess import model_grid
+
+    volume = Volume(np.zeros((20, 20, 20), np.int16), np.eye(4), modality="CT")
+    grid = model_grid(volume, (1.0, 1.0, 1.0))
+    blob_and_island = np.zeros((20, 20, 20), np.float32)
+    blob_and_island[2:10, 2:10, 2:10] = 0.9
+    blob_and_island[15:17, 15:17, 15:17] = 0.9
+    parsed, _ = expand_prompts(["spleen", "colon", "enhancing tumour"])
+    probabilities = np.stack([blob_and_island] * 3)
+    kept = [int(s.mask.sum()) for s in segments_on_input(probabilities, parsed, grid, RunOptions())[0]]
+    assert kept == [512, 520, 520]  # the spleen loses its island; bowel and tumours may be several pieces
+    everything = segments_on_input(probabilities, parsed, grid, RunOptions(largest_component=False))[0]
+    assert [int(s.mask.sum()) for s in everything] == [520, 520, 520]

@@ -11,9 +11,9 @@ from RefSAM3DLib.run_options import RunOptions
 
 def test_defaults_and_normalised_values():
     assert RunOptions() == RunOptions(device="auto", overlap=0.25, threshold=0.5, model=None,
-                                      largest_component=False, fill_holes=False)
-    options = RunOptions(device="CUDA:1", overlap="0.5", model="", largest_component=1)
-    assert (options.device, options.overlap, options.model, options.largest_component) == ("cuda:1", 0.5, None, True)
+                                      largest_component=True, fill_holes=False)
+    options = RunOptions(device="CUDA:1", overlap="0.5", model="", largest_component=0)
+    assert (options.device, options.overlap, options.model, options.largest_component) == ("cuda:1", 0.5, None, False)
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -36,7 +36,7 @@ def test_bad_values_are_refused_with_what_to_use(field, value, words):
 @pytest.mark.parametrize("options", [
     RunOptions(),
     RunOptions(device="cpu", overlap=0.1 + 0.2, threshold=0.35, model="-folder with spaces/m",
-               largest_component=True, fill_holes=True),
+               largest_component=False, fill_holes=True),
 ])
 def test_command_line_round_trip_is_exact(options):
     for command in ("segment", "evaluate"):
