@@ -38,7 +38,7 @@ EIGHT = ["liver", "spleen", "left kidney", "right kidney", "aorta", "stomach", "
 LARGE_SHAPE_IJK = (512, 512, 300)
 
 STAGES = [  # (label, module, attribute): every call of these is timed
-    ("model + text-encoder loading", "RefSAM3DLib.checkpoint", "load_model"),
+    ("model + text-encoder loading", "RefSAM3DLib.inference", "load_model"),
     ("reading the volume", "RefSAM3DLib.cli", "read_volume"),
     ("resampling to model space", "RefSAM3DLib.preprocess", "to_model_space"),
     ("text encoding", "RefSAM3DLib.model.refsam3d", "RefSAM3D.encode_prompts"),
