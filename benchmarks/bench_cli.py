@@ -89,6 +89,17 @@ def child(arguments: dict) -> None:
         setattr(owner, name, timed(label, getattr(owner, name)))
     segment = inference.segment
     inference.segment = lambda *args, **kwargs: results.append(segment(*args, **kwargs)) or results[-1]
+    # The windows the run visits: those of the (body-cropped) model-space image the engine hands on.
+    window_counts = []
+    timed_windows = inference.model_space_probabilities
+
+    def counting(model, image_dhw, *args, **kwargs):
+        from RefSAM3DLib.run_options import RunOptions
+
+        window_counts.append(inference.count_windows(image_dhw.shape, model.config.window_size_vox, RunOptions().overlap))
+        return timed_windows(model, image_dhw, *args, **kwargs)
+
+    inference.model_space_probabilities = counting
 
     out = Path(arguments["out"])
     argv = ["segment", arguments["input"], "--output", str(out / "ct.nii.gz"), "--overlay", str(out / "ct.png"),
@@ -111,7 +122,7 @@ def child(arguments: dict) -> None:
     result_files.write_seg_nrrd(results[-1], out / "ct.seg.nrrd")
     seconds[SEG_NRRD] = time.perf_counter() - begin
 
-    windows = _window_count(results[-1], arguments)
+    windows = window_counts[-1]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     gpu = 0.0
     if arguments["device"].startswith("cuda"):
@@ -125,21 +136,6 @@ def child(arguments: dict) -> None:
         "shape_kji": list(results[-1].reference.shape_kji),
         "windows": windows, "after_s": time.perf_counter() - started - in_run,
     }))
-
-
-def _window_count(result, arguments) -> int:
-    """The windows the run visited: those of its body-cropped model space."""
-    from RefSAM3DLib import preprocess
-    from RefSAM3DLib.checkpoint import read_checkpoint_record
-    from RefSAM3DLib.inference import count_windows
-    from RefSAM3DLib.model.config import ModelConfig
-    from RefSAM3DLib.model_info import model_folder
-    from RefSAM3DLib.run_options import RunOptions
-
-    config = ModelConfig.from_dict(read_checkpoint_record(model_folder(arguments["model"]))["model_config"])
-    intensity = preprocess.IntensitySettings.from_config(config, result.reference.modality)
-    image_dhw, _ = preprocess.to_model_space(result.reference, config.spacing_mm, intensity)
-    return count_windows(image_dhw.shape, config.window_size_vox, RunOptions().overlap)
 
 
 # --------------------------------------------------------------------------------------------
