@@ -18,6 +18,7 @@ MiniLM's identity by ``model.text_encoder``; :func:`build_untrained` puts them t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -71,6 +72,24 @@ def build_untrained(
     if config.pretrained_image_encoder:
         load_sam_weights(model, sam_checkpoint or weights.fetch("sam_vit_b"))
     return model
+
+
+def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
+    """``model`` rebuilt as ``config`` where they differ only by parts that start as the identity
+    (``token_logits`` off -> on, its last layer zero): the weights carried over, the new part
+    untrained, every output unchanged. Any other pair: ``model`` as it is (callers compare model
+    spaces and refuse what does not fit).
+
+    Lets a run ``--init`` from a model made before the part existed (refsam3d-small-v6).
+    """
+    if model.config.token_logits or dataclasses.replace(model.config, token_logits=True) != config:
+        return model
+    grown = build_model(config, text_encoder=model.text_encoder)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(name.startswith("mask_decoder.token_hypernetwork.") for name in missing):
+        raise RefSAM3DError(f"Cannot add token logits to this model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+    grown.base_weights, grown.metadata = dict(model.base_weights), dict(model.metadata)
+    return grown.train(model.training)
 
 
 def save_checkpoint(model: RefSAM3D, directory: "str | Path", metadata: dict | None = None) -> Path:

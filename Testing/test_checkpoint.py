@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -256,3 +257,38 @@ def test_a_model_is_named_by_bundled_name_folder_or_default(tmp_path):
     assert model_folder(tmp_path) == tmp_path
     with pytest.raises(RefSAM3DError, match=f"does not exist.*{BUNDLED_MODEL_DIR.name}"):
         model_folder(tmp_path / "missing")
+
+
+def _clicked_logits(model, image):
+    """Logits of two prompts, each with a positive and a negative click (model in eval mode)."""
+    points = torch.tensor([[[8.0, 8.0, 8.0], [20.0, 20.0, 20.0]], [[24.0, 10.0, 4.0], [5.0, 5.0, 28.0]]])
+    with torch.no_grad():
+        return model(image, ["liver", "right kidney"], points_dhw=points, point_labels=torch.tensor([[1, 0], [1, 0]]))
+
+
+def test_a_model_made_before_token_logits_loads_and_grows_them_without_changing_an_output(
+        tiny_model, tiny_sam_config, tiny_sam_files, tmp_path):
+    sam_path, clip_path, _ = tiny_sam_files
+    older_config = dataclasses.replace(tiny_sam_config, token_logits=False)
+    older = build_model(older_config, text_encoder=tiny_model.text_encoder)
+    older.load_state_dict(tiny_model.state_dict(), strict=False)
+    _randomise_trainable(older)
+    folder = save_checkpoint(older, tmp_path / "older", {"name": "older"})
+    record = json.loads((folder / "config.json").read_text())
+    del record["model_config"]["token_logits"]  # a record written before the field existed
+    (folder / "config.json").write_text(json.dumps(record))
+
+    loaded = load_model(folder, sam_checkpoint=sam_path, clip_checkpoint=clip_path)
+    assert loaded.config.token_logits is False and loaded.mask_decoder.token_hypernetwork is None
+    grown = checkpoint.upgrade(loaded, tiny_sam_config)
+    assert grown.config.token_logits and grown.metadata["name"] == "older"
+    image = torch.rand(1, 1, 32, 32, 32)
+    assert torch.equal(_clicked_logits(loaded, image), _clicked_logits(grown.eval(), image))
+    assert "mask_decoder.token_hypernetwork.layers.2.weight" in grown.trainable_state_dict()
+    # Once the new part has trained, the per-prompt image tokens (which saw the clicks) move the mask.
+    with torch.no_grad():
+        grown.mask_decoder.token_hypernetwork.layers[-1].weight.normal_(0.0, 0.1)
+    assert not torch.allclose(_clicked_logits(loaded, image), _clicked_logits(grown, image))
+    # Nothing to add: the same model back.
+    assert checkpoint.upgrade(grown, tiny_sam_config) is grown
+    assert checkpoint.upgrade(loaded, dataclasses.replace(tiny_sam_config, window_size_vox=64)) is loaded

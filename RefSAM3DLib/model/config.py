@@ -74,6 +74,10 @@ class ModelConfig:
             empty: SAM's patch embedding, as in the paper (``vit_b``).
         clip_text: open_clip TextTransformer arguments for ``text_encoder="clip"``
             (width, heads, layers, vocab_size, output_dim); ignored for MiniLM.
+        token_logits: the mask decoder also reads the transformer's per-prompt image tokens
+            (``mask_decoder.py``), so that points and boxes can say where. False in checkpoints
+            made before it existed (their record has no such field); ``checkpoint.upgrade``
+            adds it to such a model without changing its outputs.
     """
 
     name: str
@@ -102,6 +106,7 @@ class ModelConfig:
     fusion_channels: int = 16
     stem_channels: tuple[int, ...] = ()
     clip_text: dict = field(default_factory=dict)
+    token_logits: bool = False
 
     @property
     def grid_tok(self) -> int:
@@ -249,6 +254,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         decoder_heads=4,
         decoder_mlp_dim=512,
         fusion_channels=4,
+        token_logits=True,
     ),
     "vit_b": ModelConfig(
         name="vit_b",
@@ -275,6 +281,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         decoder_mlp_dim=2048,
         fusion_channels=4,
         clip_text=dict(width=512, heads=8, layers=12, vocab_size=49408, output_dim=512),
+        token_logits=True,
     ),
 }
 

@@ -19,6 +19,11 @@ Prompts enter cheaply (``MaskDecoder3D``), at token resolution:
   sparse tokens [mask token, projected sentence embedding, optional points/boxes];
 * a hypernetwork MLP turns the mask token into a vector that is dotted with the shared
   full-resolution features (SAM's mask-decoder scheme) -> a coarse mask logit per prompt;
+* with ``token_logits``, a second hypernetwork vector is dotted with the transformer's updated
+  image tokens (which are per prompt: they attended to the clicks and the box) and the token-grid
+  logit is trilinearly up-sampled and added. This is where a gesture says *where*: the shared
+  features know nothing of the prompt, and the mask token alone only says *what*. Its last layer
+  starts at zero, so adding it to a trained model changes no output until it trains;
 * the light per-prompt fusion with the image: the paper concatenates [mask logit, image] and
   applies a 3D convolution. That convolution is linear in its input channels, so it is computed
   as (3x3x3 conv of the image, shared) + (1x1x1 conv of the mask logit, per prompt), followed by
@@ -26,7 +31,8 @@ Prompts enter cheaply (``MaskDecoder3D``), at token resolution:
   pointwise to keep the per-prompt cost at a few FLOPs per voxel.
 
 Unlike SAM, the up-sampled features do not come from the transformer's updated image tokens
-(those are per prompt); the transformer informs the mask only through the mask token.
+(those are per prompt, and up-sampling them per prompt would cost what the shared path saves);
+the updated tokens reach the mask only at token resolution, through ``token_logits``.
 """
 
 from __future__ import annotations
@@ -115,15 +121,22 @@ class MaskDecoder3D(nn.Module):
         mlp_dim: TwoWayTransformer MLP width.
         pixel_dim: channels of the shared full-resolution features.
         fusion_channels: channels of the final image/mask fusion.
+        token_logits: add the per-prompt logit of the updated image tokens (see the module doc).
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int) -> None:
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int,
+                 token_logits: bool = False) -> None:
         super().__init__()
         self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
         self.mask_token = nn.Embedding(1, dim)
         self.hypernetwork = MLP(dim, dim, pixel_dim, num_layers=3)
         self.mask_conv = nn.Conv3d(1, fusion_channels, kernel_size=1)
         self.out_conv = nn.Conv3d(fusion_channels, 1, kernel_size=1)
+        self.token_hypernetwork = None
+        if token_logits:
+            self.token_hypernetwork = MLP(dim, dim, dim, num_layers=3)
+            nn.init.zeros_(self.token_hypernetwork.layers[-1].weight)
+            nn.init.zeros_(self.token_hypernetwork.layers[-1].bias)
 
     def forward(
         self,
@@ -153,9 +166,14 @@ class MaskDecoder3D(nn.Module):
         pos = image_pe.flatten(1)[None, :, :, None].expand(b * p, -1, -1, -1)
         tokens = torch.cat([self.mask_token.weight.expand(p, -1, -1), sparse], dim=1)
         tokens = tokens[None].expand(b, -1, -1, -1).reshape(b * p, -1, c)
-        hs, _ = self.transformer(src, pos, tokens)
+        hs, image_tokens = self.transformer(src, pos, tokens)  # (B*P, T, C), (B*P, N, C)
         hyper = self.hypernetwork(hs[:, 0]).reshape(b, p, -1)
         coarse = torch.einsum("bpc,bcdhw->bpdhw", hyper, pixel_features)
+        if self.token_hypernetwork is not None:
+            token_logit = torch.einsum("bnc,bc->bn", image_tokens, self.token_hypernetwork(hs[:, 0]))
+            token_logit = token_logit.reshape(b, p, *embedding.shape[2:])
+            coarse = coarse + F.interpolate(token_logit, size=pixel_features.shape[2:], mode="trilinear",
+                                            align_corners=False)
         # The two 1x1x1 convolutions written as broadcasts: the same weights and result, but far
         # cheaper than conv3d on a 1-channel full-resolution input (this part runs per prompt).
         # One prompt at a time at full resolution keeps peak memory independent of P.

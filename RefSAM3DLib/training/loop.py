@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import build_untrained, load_model, save_checkpoint
+from ..checkpoint import build_untrained, load_model, save_checkpoint, upgrade
 from ..errors import RefSAM3DError
 from .cache import model_space, read_manifest
 from .config import load_config, model_config
@@ -188,7 +188,7 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
     if resume:
         model = load_model(out / "checkpoint", device="cpu", text_encoder=text_encoder)
     elif init:
-        model = load_model(init, device="cpu", text_encoder=text_encoder)
+        model = upgrade(load_model(init, device="cpu", text_encoder=text_encoder), architecture)
     else:
         model = build_untrained(architecture, text_encoder=text_encoder)
     if model_space(model.config) != manifest["model_space"]:
