@@ -9,6 +9,7 @@ import torch
 
 from RefSAM3DLib.checkpoint import TEXT_EMBEDDINGS_FILE, load_model, save_checkpoint, write_text_embedding_cache
 from RefSAM3DLib.model import build_model
+from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
 from RefSAM3DLib.model.text_encoder import MiniLMTextEncoder
 from RefSAM3DLib.model.text_encoder_cache import (PrecomputedTextEncoder, encoder_identity, read_text_embeddings,
                                                   write_text_embeddings)
@@ -38,9 +39,9 @@ def test_known_prompts_come_from_the_model_folder_without_building_the_text_enco
     loaded = load_model(folder)
     assert isinstance(loaded.text_encoder, PrecomputedTextEncoder)
     with torch.no_grad():
-        cached = loaded.text_encoder(["liver", "left kidney", "left renal"])
+        cached = loaded.text_encoder(["liver", "left kidney", "left renal", NO_TEXT_PROMPT])
     assert loaded.text_encoder.encoder is None  # MiniLM was never built
-    for index, text in enumerate(["liver", "left kidney", "left renal"]):
+    for index, text in enumerate(["liver", "left kidney", "left renal", NO_TEXT_PROMPT]):
         fresh = minilm([text])
         length = int(fresh.mask[0].sum())
         assert int(cached.mask[index].sum()) == length

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_write
 from ..vocabulary import STRUCTURES
+from .prompt_encoder import NO_TEXT_PROMPT
 from .text_encoder import TextEmbeddings, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,10 @@ def vocabulary_phrases(structure_keys: "list[str] | None" = None) -> list[str]:
 
     A model folder caches those of the structures it was trained on (about 1 MB for 13 organs;
     the whole vocabulary would be 8 MB); sentences ("perform liver segmentation") and other
-    structures still reach the encoder.
+    structures still reach the encoder. Always cached: ``NO_TEXT_PROMPT``, what a point or box
+    given without text is decoded with.
     """
-    phrases: list[str] = []
+    phrases: list[str] = [NO_TEXT_PROMPT]
     for key, structure in STRUCTURES.items():
         if structure_keys is None or key in structure_keys:
             phrases += [structure.name, structure.name.lower(), *structure.synonyms, structure.key.replace("_", " ")]
