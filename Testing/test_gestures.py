@@ -11,6 +11,7 @@ from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.training import train
 from RefSAM3DLib.training.config import load_config
 from RefSAM3DLib.training.gestures import corrective_click, gesture_rounds, jittered_box
+from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
 from RefSAM3DLib.training.loop import GestureStep, MultiPromptStep
 
 from test_training import TOY_MODEL
@@ -71,13 +72,37 @@ def test_round_zero_of_a_gesture_step_is_the_text_only_step(untrained_small_toy)
     image = torch.rand(2, 1, 32, 32, 32)
     texts = [["liver", "spleen"], ["spleen"]]
     targets = [torch.stack([cube((32,) * 3), torch.zeros((32,) * 3, dtype=torch.bool)]), cube((32,) * 3)[None]]
-    settings = {"rounds": 2, "box_prob": 0.5, "box_jitter": 0.1, "max_structures": 4, "weight": 1.0}
+    settings = {"rounds": 2, "box_prob": 0.5, "box_jitter": 0.1, "max_structures": 4, "weight": 1.0,
+                "no_text_prob": 0.0}
     with torch.no_grad():
         text_only = MultiPromptStep(model)(image, texts)
         with_gestures = GestureStep(model, settings)(image, texts, targets)
     for logits, pairs in zip(text_only, with_gestures):
         assert torch.equal(pairs[0][0], logits)
         assert len(pairs) == 3 and all(lg.shape[1] == 1 for lg, _ in pairs[1:])  # only present structures
+
+
+def test_gesture_rounds_without_text_start_from_an_empty_mask(untrained_small_toy, monkeypatch):
+    model = untrained_small_toy
+    decoded = []  # (texts, points, labels) of every decode call
+    decode = model.decode
+
+    def recording(image, features, prompts, points_dhw=None, point_labels=None, boxes_dhw=None):
+        decoded.append((list(prompts.texts), points_dhw, point_labels))
+        return decode(image, features, prompts, points_dhw=points_dhw, point_labels=point_labels, boxes_dhw=boxes_dhw)
+
+    monkeypatch.setattr(model, "decode", recording)
+    target = cube((32,) * 3)
+    settings = {"rounds": 2, "box_prob": 0.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
+                "no_text_prob": 1.0}
+    with torch.no_grad():
+        pairs = GestureStep(model, settings)(torch.rand(1, 1, 32, 32, 32), [["liver"]], [target[None]])[0]
+    assert len(pairs) == 3
+    assert decoded[0][0] == ["liver"]  # round 0: the text-only step, unchanged
+    assert decoded[1][0] == decoded[2][0] == [NO_TEXT_PROMPT]
+    # Nothing was predicted before the first click, so it is a positive click inside the structure.
+    first_click = decoded[1][1][0, 0].long()
+    assert decoded[1][2].tolist() == [[1]] and bool(target[tuple(first_click)])
 
 
 @pytest.fixture(scope="module")

@@ -51,11 +51,14 @@ TRAINING_DEFAULTS = {
         "box_jitter": 0.1,    # box faces move by up to this fraction of the box's extent
         "max_structures": 4,  # present structures refined per window (bounds the decoding cost)
         "weight": 1.0,        # weight of the mean gesture loss against the text-only loss
+        # Fraction of windows whose gesture rounds get no text (NO_TEXT_PROMPT) and start from an
+        # empty mask, so that points and boxes must carry the structure alone.
+        "no_text_prob": 0.0,
     },
 }
 
 _INTERACTIVE_RANGES = {"rounds": (1, 20), "box_prob": (0.0, 1.0), "box_jitter": (0.0, 1.0),
-                       "max_structures": (1, 64), "weight": (0.0, 100.0)}
+                       "max_structures": (1, 64), "weight": (0.0, 100.0), "no_text_prob": (0.0, 1.0)}
 
 
 def load_config(source: dict | str | Path) -> dict:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..checkpoint import build_untrained, load_model, save_checkpoint, upgrade
 from ..errors import RefSAM3DError
+from ..model.prompt_encoder import NO_TEXT_PROMPT
 from .cache import model_space, read_manifest
 from .config import load_config, model_config
 from .gestures import gesture_rounds, subset
@@ -90,7 +91,9 @@ class MultiPromptStep(nn.Module):
 class GestureStep(MultiPromptStep):
     """``MultiPromptStep`` plus simulated gestures (:mod:`.gestures`) on the same encoder pass:
     each window is decoded from its text alone (round 0, exactly the text-only step), then its
-    present structures (at most ``max_structures``) for ``rounds`` rounds of box and clicks.
+    present structures (at most ``max_structures``) for ``rounds`` rounds of box and clicks; in a
+    fraction ``no_text_prob`` of the windows those rounds carry no text, as a user's "the structure
+    at this point" does.
 
     Args:
         model: the RefSAM3D.
@@ -115,13 +118,17 @@ class GestureStep(MultiPromptStep):
             present = torch.nonzero(target.flatten(1).any(dim=1)).flatten()
             present = present[torch.randperm(len(present))[: self.settings["max_structures"]]].sort().values.tolist()
             if present:
-                chosen = subset(prompts, present)
+                chosen, first_logits = subset(prompts, present), logits[:, present]
+                if self.settings["no_text_prob"] and float(torch.rand(1)) < self.settings["no_text_prob"]:
+                    # Gestures alone: no text, and the first click lands in the whole structure.
+                    chosen = self.model.encode_prompts([NO_TEXT_PROMPT] * len(present))
+                    first_logits = torch.full_like(first_logits, -1.0)
 
                 def decode(points, labels, boxes, chosen=chosen, window=window, window_features=window_features):
                     return self.model.decode(window, window_features, chosen, points_dhw=points,
                                              point_labels=labels, boxes_dhw=boxes)
 
-                rounds = gesture_rounds(decode, logits[:, present], target[present], self.settings["rounds"],
+                rounds = gesture_rounds(decode, first_logits, target[present], self.settings["rounds"],
                                         self.settings["box_prob"], self.settings["box_jitter"])
                 pairs += [(round_logits, target[present]) for round_logits in rounds]
             out.append(pairs)

@@ -14,6 +14,7 @@ from ..checkpoint import build_untrained
 from ..datasets import load_cases, split_by_patient
 from ..errors import RefSAM3DError
 from ..model import build_model
+from ..model.prompt_encoder import NO_TEXT_PROMPT
 from ..model.text_encoder import find_clip_weights, load_clip_text_weights
 from .cache import build_cache, model_space, read_manifest
 from .config import model_config as config_model
@@ -56,7 +57,7 @@ def prepare(config: dict, progress: bool = True) -> Path:
     absent = {k for c in cases for k in c.absent}
     wanted = phrasings_for(set(modalities) | absent, modalities, config["prompts"]["max_phrasings"])
     table_path = cache_dir / PROMPT_TABLE
-    if not table_path.is_file() or _table_phrasings(table_path) != wanted:
+    if not table_path.is_file() or _table_phrasings(table_path) != wanted or NO_TEXT_PROMPT not in PromptTable(table_path).texts:
         encoder, base_weights = frozen_text_encoder(model_config)
         build_prompt_table(encoder, wanted, table_path, base_weights=base_weights)
         if progress:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import RefSAM3DError
+from ..model.prompt_encoder import NO_TEXT_PROMPT
 from ..model.text_encoder import TextEmbeddings, TextEncoder
 from ..vocabulary import STRUCTURES, training_phrasings
 
@@ -65,7 +66,8 @@ def build_prompt_table(text_encoder: TextEncoder, phrasings: dict[str, list[str]
     Returns:
         ``path``.
     """
-    texts = list(dict.fromkeys(t for key in sorted(phrasings) for t in phrasings[key]))
+    # NO_TEXT_PROMPT last: gesture rounds without text decode with it (GestureStep).
+    texts = list(dict.fromkeys([t for key in sorted(phrasings) for t in phrasings[key]] + [NO_TEXT_PROMPT]))
     index = {t: i for i, t in enumerate(texts)}
     tokens, lengths, pooled = [], [], []
     for start in range(0, len(texts), batch_size):
