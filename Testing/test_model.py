@@ -167,3 +167,26 @@ def test_stem_deeper_than_the_patch_is_a_config_error():
 
     with pytest.raises(RefSAM3DError, match="stem_channels"):
         dataclasses.replace(MODEL_CONFIGS["small"], stem_channels=(4, 8, 16, 32)).validate()
+
+
+def test_relative_position_bias_is_the_sum_of_the_three_decomposed_terms():
+    """SAM's decomposed bias in 3D: bias[q, k] = rel_d[q, k_d] + rel_h[q, k_h] + rel_w[q, k_w]."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    from RefSAM3DLib.model.image_encoder import Attention3D
+
+    torch.manual_seed(2)
+    attention = Attention3D(dim=8, num_heads=2, size_tok=3)
+    with torch.no_grad():
+        for table in (attention.rel_pos_d, attention.rel_pos_h, attention.rel_pos_w):
+            table.normal_()
+    q = torch.randn(1, 2, 27, 4)
+    bias = attention._rel_pos_bias(q, (3, 3, 3))
+    tables = [get_rel_pos(3, 3, t) for t in (attention.rel_pos_d, attention.rel_pos_h, attention.rel_pos_w)]
+    query_dhw = [(i // 9, i // 3 % 3, i % 3) for i in range(27)]
+    for head in range(2):
+        for qi, (d, h, w) in enumerate(query_dhw):
+            for ki, key in enumerate(query_dhw):
+                expected = sum(q[0, head, qi] @ table[coordinate, k] for table, coordinate, k in
+                               zip(tables, (d, h, w), key))
+                assert torch.isclose(bias[0, head, qi, ki], expected, atol=1e-5)
