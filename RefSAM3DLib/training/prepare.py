@@ -57,7 +57,7 @@ def prepare(config: dict, progress: bool = True) -> Path:
     absent = {k for c in cases for k in c.absent}
     wanted = phrasings_for(set(modalities) | absent, modalities, config["prompts"]["max_phrasings"])
     table_path = cache_dir / PROMPT_TABLE
-    if not table_path.is_file() or _table_phrasings(table_path) != wanted or NO_TEXT_PROMPT not in PromptTable(table_path).texts:
+    if not table_path.is_file() or not _table_holds(PromptTable(table_path), wanted):
         encoder, base_weights = frozen_text_encoder(model_config)
         build_prompt_table(encoder, wanted, table_path, base_weights=base_weights)
         if progress:
@@ -65,9 +65,9 @@ def prepare(config: dict, progress: bool = True) -> Path:
     return cache_dir
 
 
-def _table_phrasings(path: Path) -> dict[str, list[str]]:
-    table = PromptTable(path)
-    return {key: table.phrasings(key) for key in table.structures}
+def _table_holds(table: PromptTable, wanted: dict[str, list[str]]) -> bool:
+    """Whether a built table has exactly the wanted phrasings, and NO_TEXT_PROMPT (older tables lack it)."""
+    return {key: table.phrasings(key) for key in table.structures} == wanted and NO_TEXT_PROMPT in table.texts
 
 
 def frozen_text_encoder(model_config):
