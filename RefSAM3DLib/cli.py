@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .cli_process import done_line, error_line, progress_line, run_as_worker, sigterm_as_exit
 from .errors import Cancelled, RefSAM3DError
+from .monai_import import import_monai_for_segmentation
 from .overlay import write_overlay_png
 from .result_files import LABELMAP_SUFFIXES, SEG_NRRD_SUFFIX, check_output_path, output_files, write_result
 from .run_options import RunOptions, add_cli_arguments
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
+    if argv is None and args.command == "segment":  # this process is the command and will only segment
+        import_monai_for_segmentation()
     try:
         if getattr(args, "worker_folder", None):
             return run_as_worker(args.worker_folder, lambda: COMMANDS[args.command](args))

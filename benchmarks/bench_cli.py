@@ -66,7 +66,11 @@ def child(arguments: dict) -> None:
         import torch
 
         torch.set_num_threads(arguments["threads"])
-    # What `refsam3d segment` imports on its way (cli.run_segment's and inference's imports).
+    # What `refsam3d segment` imports on its way: MONAI as the command imports it (monai_import),
+    # then cli.run_segment's and inference's imports.
+    from RefSAM3DLib.monai_import import import_monai_for_segmentation
+
+    import_monai_for_segmentation()
     from RefSAM3DLib import checkpoint, cli, inference, result_files  # noqa: F401
 
     seconds = {"imports": time.perf_counter() - started}
