@@ -13,7 +13,9 @@ reference label:
   voxel (largest distance to the boundary);
 * ``click1`` .. ``click3``: ``box_click`` plus 1, 2, 3 simulated corrective clicks, each at the
   most interior voxel of the largest connected error region of the previous answer (positive in
-  a missed region, negative in a false positive), accumulating as a user's clicks do.
+  a missed region, negative in a false positive), accumulating as a user's clicks do;
+* ``no_text``: the box and the interior click of ``box_click`` without text ("the structure in
+  this box"): what the gestures carry by themselves.
 
 Writes ``interactive.csv`` (one row per case, structure and stage) and ``interactive.md`` (mean
 Dice per structure and stage), and prints the Markdown.
@@ -40,7 +42,8 @@ from RefSAM3DLib.interactive import InteractiveSession  # noqa: E402
 from RefSAM3DLib.run_options import RunOptions  # noqa: E402
 from RefSAM3DLib.volume_reader import read_volume  # noqa: E402
 
-STAGES = ["text", "box_click", "click1", "click2", "click3"]
+REFINEMENT = ["text", "box_click", "click1", "click2", "click3"]  # each stage refines the previous one
+STAGES = REFINEMENT + ["no_text"]
 # The structures whose Dice the issue bounds (text + box + one click >= 0.80 on average).
 ISSUE_STRUCTURES = ["spleen", "kidney_right", "kidney_left", "gallbladder", "pancreas", "stomach"]
 
@@ -89,7 +92,7 @@ def refine_structure(session: InteractiveSession, prompt: str, reference: np.nda
     results["text"] = case_metrics(mask, reference, spacing_kji)
     box = bounding_box_ras(reference, ijk_to_ras)
     clicks_kji, labels = [most_interior_voxel(reference)], [1]
-    for previous, stage in zip(STAGES, STAGES[1:]):
+    for previous, stage in zip(REFINEMENT, REFINEMENT[1:]):
         if stage != "box_click":
             click = largest_error_click(mask, reference)
             if click is None:  # already exact: the user stops clicking
@@ -100,6 +103,8 @@ def refine_structure(session: InteractiveSession, prompt: str, reference: np.nda
         answer = session.segment(prompt, points_ras=kji_to_ras(clicks_kji, ijk_to_ras), point_labels=labels, box_ras=box)
         mask = answer.segments[0].mask.astype(bool)
         results[stage] = case_metrics(mask, reference, spacing_kji)
+    alone = session.segment(None, points_ras=kji_to_ras(clicks_kji[:1], ijk_to_ras), box_ras=box)
+    results["no_text"] = case_metrics(alone.segments[0].mask.astype(bool), reference, spacing_kji)
     return results
 
 
