@@ -331,3 +331,31 @@ def test_absurd_threshold_is_refused_before_any_work(threshold, model_dir, small
     assert code == 2
     (line,) = [line for line in err.splitlines() if line.startswith("refsam3d: error:")]
     assert "threshold" in line.lower() and "0.5" in line
+
+
+def test_segment_as_a_command_writes_what_a_library_call_writes(model_dir, small_ct, tmp_path, capsys):
+    """The `refsam3d segment` process (argv from the command line) imports MONAI without its
+    optional extras (RefSAM3DLib.monai_import) and freezes the garbage collector for a quick exit;
+    its outputs are those of main() called in this process."""
+    arguments = [str(small_ct), "--prompt", "liver", "--prompt", "spleen", "--model", str(model_dir)]
+    assert main(["segment", *arguments, "--output", str(tmp_path / "here.nii.gz")]) == 0
+    capsys.readouterr()
+    code = f"""
+import gc, json, sys
+from RefSAM3DLib.cli import main
+sys.argv = ["refsam3d", "segment", *{arguments!r}, "--output", {str(tmp_path / "there.nii.gz")!r},
+            "--overlay", {str(tmp_path / "there.png")!r}]
+status = main()
+import monai.networks.nets.transchex as transchex  # optional_import's (module, found)
+print(json.dumps({{"status": status, "transformers_for_monai": transchex.transformers[1],
+                  "frozen": gc.get_freeze_count() > 0}}))
+"""
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    seen = json.loads(child.stdout.strip().splitlines()[-1])
+    assert seen == {"status": 0, "transformers_for_monai": False, "frozen": True}
+    here = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "here.nii.gz")))
+    there = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "there.nii.gz")))
+    assert np.array_equal(here, there) and (tmp_path / "there.png").stat().st_size > 0
+    assert json.loads((tmp_path / "there.json").read_text())["labels"] == \
+        json.loads((tmp_path / "here.json").read_text())["labels"]

@@ -115,7 +115,8 @@ def child(arguments: dict) -> None:
     with open(os.devnull, "w", encoding="utf-8") as quiet:
         stdout, sys.stdout = sys.stdout, quiet  # PROGRESS lines
         try:
-            status = cli.main(argv)
+            sys.argv = ["refsam3d", *argv]  # main() from the command line, as the console command runs it
+            status = cli.main()
         finally:
             sys.stdout = stdout
     if status != 0:
