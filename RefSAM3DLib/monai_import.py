@@ -23,7 +23,7 @@ import importlib.abc
 import sys
 
 NOT_FOR_MONAI = ("transformers", "sklearn", "scipy", "matplotlib")
-_IMPORT_MACHINERY = ("importlib", "_frozen_importlib")
+_IMPORT_MACHINERY = ("importlib", "_frozen_importlib", "_frozen_importlib_external")  # modules or their packages
 
 
 class _RefuseToMonai(importlib.abc.MetaPathFinder):
@@ -41,7 +41,7 @@ def _imported_by_monai() -> bool:
     frame = sys._getframe(2)
     while frame is not None:
         module = frame.f_globals.get("__name__") or ""
-        if not module.startswith(_IMPORT_MACHINERY):
+        if module.partition(".")[0] not in _IMPORT_MACHINERY:
             return module == "monai" or module.startswith("monai.")
         frame = frame.f_back
     return False
@@ -58,11 +58,11 @@ def import_monai_for_segmentation() -> None:
     sys.meta_path.insert(0, finder)
     try:
         import monai  # noqa: F401
+
+        return
     except ImportError:
-        sys.meta_path.remove(finder)
         for name in [name for name in sys.modules if name == "monai" or name.startswith("monai.")]:
             del sys.modules[name]
-        import monai  # noqa: F401,F811
     finally:
-        if finder in sys.meta_path:
-            sys.meta_path.remove(finder)
+        sys.meta_path.remove(finder)
+    import monai  # noqa: F401,F811
