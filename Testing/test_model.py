@@ -190,3 +190,32 @@ def test_relative_position_bias_is_the_sum_of_the_three_decomposed_terms():
                 expected = sum(q[0, head, qi] @ table[coordinate, k] for table, coordinate, k in
                                zip(tables, (d, h, w), key))
                 assert torch.isclose(bias[0, head, qi, ki], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("size_in, size_out", [((3, 5, 7), (10, 11, 13)), ((12, 12, 12), (96, 96, 96))])
+def test_separable_upsample_is_trilinear_interpolation(size_in, size_out):
+    from RefSAM3DLib.model.mask_decoder import trilinear_upsample
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, *size_in)
+    expected = torch.nn.functional.interpolate(x, size=size_out, mode="trilinear", align_corners=False)
+    assert torch.allclose(trilinear_upsample(x, size_out), expected, atol=1e-5)
+
+
+def test_image_fusion_is_the_papers_convolution_over_mask_and_image(small_model):
+    """The decoder's read-out equals a 3x3x3 convolution over [mask logit, image], GELU, then a
+    1x1x1 convolution (paper section 3.4), computed whole for every prompt."""
+    decoder, pixel = small_model.mask_decoder, small_model.pixel_decoder
+    torch.manual_seed(4)
+    image, coarse = torch.rand(1, 1, 9, 10, 11), torch.randn(1, 3, 9, 10, 11)
+    channels = decoder.mask_conv.out_channels
+    kernel = torch.zeros(channels, 2, 3, 3, 3)
+    kernel[:, :1] = pixel.image_conv.weight
+    kernel[:, 1, 1, 1, 1] = decoder.mask_conv.weight.view(-1)
+    with torch.no_grad():
+        fused = decoder._fuse_with_image(coarse, pixel.image_conv(image))
+        for i in range(3):
+            hidden = torch.nn.functional.conv3d(torch.cat([image, coarse[:, i:i + 1]], dim=1), kernel,
+                                                pixel.image_conv.bias + decoder.mask_conv.bias, padding=1)
+            expected = coarse[:, i] + decoder.out_conv(torch.nn.functional.gelu(hidden))[:, 0]
+            assert torch.allclose(fused[:, i], expected, atol=1e-5)

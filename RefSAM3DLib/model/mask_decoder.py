@@ -102,7 +102,7 @@ class PixelDecoder(nn.Module):
             if l < len(self.skips):
                 skip = self.skips[l](stages[2 - l].permute(0, 4, 1, 2, 3))
                 if skip.shape[2:] != x.shape[2:]:
-                    skip = F.interpolate(skip, size=x.shape[2:], mode="trilinear", align_corners=False)
+                    skip = trilinear_upsample(skip, x.shape[2:])
                 x = x + skip
             x = up(x)
             if l >= self.first_merge:
@@ -172,18 +172,37 @@ class MaskDecoder3D(nn.Module):
         if self.token_hypernetwork is not None:
             token_logit = torch.einsum("bnc,bc->bn", image_tokens, self.token_hypernetwork(hs[:, 0]))
             token_logit = token_logit.reshape(b, p, *embedding.shape[2:])
-            coarse = coarse + F.interpolate(token_logit, size=pixel_features.shape[2:], mode="trilinear",
-                                            align_corners=False)
-        # The two 1x1x1 convolutions written as broadcasts: the same weights and result, but far
-        # cheaper than conv3d on a 1-channel full-resolution input (this part runs per prompt).
-        # One prompt at a time at full resolution keeps peak memory independent of P.
+            coarse = coarse + trilinear_upsample(token_logit, pixel_features.shape[2:])
+        return self._fuse_with_image(coarse.float(), image_term.float())
+
+    def _fuse_with_image(self, coarse: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:
+        """The per-prompt fusion ``coarse + out_conv(GELU(image_term + mask_conv(coarse)))``, one
+        prompt at a time (memory stays at one prompt's F channels), in float32: the read-out is
+        memory-bound, and autocast would send the 4-channel sum through a bfloat16 matmul.
+
+        Args:
+            coarse: (B, P, D, H, W) float32 coarse logits.
+            image_term: (B, F, D, H, W) float32 image half of the fusion convolution.
+        Returns:
+            (B, P, D, H, W) mask logits.
+        """
+        image_in = image_term + self.mask_conv.bias.view(1, -1, 1, 1, 1)
         weight_in = self.mask_conv.weight.view(1, -1, 1, 1, 1)
-        bias_in = self.mask_conv.bias.view(1, -1, 1, 1, 1)
-        weight_out = self.out_conv.weight.view(-1)
-        fine = [
-            coarse[:, i]
-            + torch.einsum("bfdhw,f->bdhw", F.gelu(image_term + coarse[:, i : i + 1] * weight_in + bias_in), weight_out)
-            + self.out_conv.bias
-            for i in range(p)
-        ]
-        return torch.stack(fine, dim=1)
+        weight_out = self.out_conv.weight.view(1, -1, 1, 1, 1)
+        fine = [(F.gelu(torch.addcmul(image_in, coarse[:, i : i + 1], weight_in)) * weight_out).sum(dim=1)
+                for i in range(coarse.shape[1])]
+        return torch.stack(fine, dim=1) + coarse + self.out_conv.bias
+
+
+def trilinear_upsample(x: torch.Tensor, size) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="trilinear", align_corners=False)`` for (B, C, d, h, w), in
+    float32, as one small matrix product per axis (trilinear interpolation is separable): about 4x
+    faster on CPU for the decoder's 12^3 -> 96^3 step.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        for axis, length in zip((4, 3, 2), reversed(tuple(size))):
+            inputs = torch.eye(x.shape[axis], device=x.device)[None]  # each input sample as a signal
+            weights = F.interpolate(inputs, size=int(length), mode="linear", align_corners=False)[0]  # (in, out)
+            x = torch.movedim(torch.movedim(x, axis, -1) @ weights, -1, axis)
+        return x
