@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from . import preprocess
@@ -134,23 +135,20 @@ def decide_modality(volume: Volume) -> tuple[Volume, list[str]]:
 
 
 def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
-    """Optional clean-up of one binary mask ``(K, J, I)`` with scipy.ndimage.
+    """Optional clean-up of one binary uint8 mask ``(K, J, I)`` with SimpleITK (face connectivity).
 
-    (MONAI's KeepLargestConnectedComponent would need scikit-image or cuCIM besides.)
+    SimpleITK is loaded for reading and resampling anyway; SciPy's ndimage gives the same masks but
+    costs a quarter of a second to import. (MONAI's KeepLargestConnectedComponent would need
+    scikit-image or cuCIM besides.) Of equal-sized largest components, the first in voxel order stays.
     """
     if not (largest_component or fill_holes) or not mask.any():
         return mask
-    from scipy import ndimage
-
+    image = sitk.GetImageFromArray(mask)
     if largest_component:
-        components, count = ndimage.label(mask)
-        if count > 1:
-            sizes = np.bincount(components.ravel())
-            sizes[0] = 0
-            mask = (components == sizes.argmax()).astype(np.uint8)
+        image = sitk.RelabelComponent(sitk.ConnectedComponent(image), sortByObjectSize=True) == 1
     if fill_holes:
-        mask = ndimage.binary_fill_holes(mask).astype(np.uint8)
-    return mask
+        image = sitk.BinaryFillhole(image)
+    return sitk.GetArrayFromImage(image).astype(np.uint8)
 
 
 def mask_on_input(channel_dhw: np.ndarray, grid: preprocess.ModelGrid, options: RunOptions, one_piece: bool = False):

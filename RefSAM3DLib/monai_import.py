@@ -8,9 +8,9 @@ cost about 2 s of a 2-core start-up (``benchmarks/bench_cli.py``).
 
 ``import_monai_for_segmentation`` imports MONAI while refusing those packages to MONAI's own
 modules only: MONAI keeps its placeholder for them (which raises if it is ever used in this
-process), and anything else imports them normally, later and only if needed (SciPy's ndimage for
-the island removal, matplotlib for the PNG overlay). Torch's own probes for them (``find_spec``)
-are answered as usual.
+process), and anything else imports them normally, later and only if needed (a segmentation
+itself needs none: its clean-up uses SimpleITK and its PNG overlay Pillow). Torch's own probes for
+them (``find_spec``) are answered as usual.
 
 Only a process that does nothing but segment uses it: the ``refsam3d segment`` command (which the
 Slicer module's one-off runs also start). A library user's program, a test session calling

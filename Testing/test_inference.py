@@ -139,6 +139,27 @@ def test_postprocessing_keeps_the_largest_component_and_fills_holes():
     assert postprocess_mask(mask, False, False) is mask
 
 
+@pytest.mark.parametrize("largest_component, fill_holes", [(True, False), (False, True), (True, True)])
+def test_postprocessing_gives_scipy_ndimages_masks(largest_component, fill_holes):
+    """SimpleITK's clean-up, face-connected as ndimage's defaults, on ragged random masks."""
+    from scipy import ndimage
+
+    from RefSAM3DLib.inference import postprocess_mask
+
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        mask = (ndimage.gaussian_filter(rng.random((16, 20, 24)), 1.2) > rng.uniform(0.47, 0.53)).astype(np.uint8)
+        expected = mask
+        if largest_component:
+            components, _ = ndimage.label(expected)
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            expected = (components == sizes.argmax()).astype(np.uint8)
+        if fill_holes:
+            expected = ndimage.binary_fill_holes(expected).astype(np.uint8)
+        assert np.array_equal(postprocess_mask(mask, largest_component, fill_holes), expected)
+
+
 def test_structures_the_model_never_trained_on_come_with_a_warning(untrained_small):
     untrained_small.metadata = {"structures": ["liver", "spleen"]}
     try:
