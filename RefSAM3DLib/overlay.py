@@ -257,10 +257,14 @@ def _draw_view(canvas: Image.Image, name: str, rgb: np.ndarray, box: tuple[int, 
 _LegendEntry = tuple[str, tuple[int, int, int]]  # (text, RGB colour)
 
 
+def _entry_width(text: str, font: ImageFont.FreeTypeFont) -> float:
+    """Pixels of one legend entry: a swatch (the font's size), half a swatch of gap, the text."""
+    return 1.5 * font.size + font.getlength(text)
+
+
 def _row_width(row: list[_LegendEntry], font: ImageFont.FreeTypeFont) -> float:
-    """Pixels of one legend row: per entry a swatch, half a swatch of gap and the text; two
-    swatches between entries."""
-    return sum(1.5 * font.size + font.getlength(text) for text, _ in row) + 2 * font.size * (len(row) - 1)
+    """Pixels of one legend row: its entries, two swatches between them."""
+    return sum(_entry_width(text, font) for text, _ in row) + 2 * font.size * (len(row) - 1)
 
 
 def _legend_layout(entries: list[_LegendEntry]) -> tuple[ImageFont.FreeTypeFont, list[list[_LegendEntry]]]:
@@ -288,7 +292,7 @@ def _draw_legend(canvas: Image.Image, font: ImageFont.FreeTypeFont, rows: list[l
         for text, colour in row:
             draw.rectangle((x, y - swatch / 2, x + swatch, y + swatch / 2), fill=colour)
             draw.text((x + 1.5 * swatch, y), text, fill="white", font=font, anchor="lm")
-            x += 1.5 * swatch + font.getlength(text) + 2 * swatch
+            x += _entry_width(text, font) + 2 * swatch
 
 
 def _draw_footer(canvas: Image.Image, text: str) -> None:
