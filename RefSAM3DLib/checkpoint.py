@@ -74,20 +74,29 @@ def build_untrained(
     return model
 
 
-def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
-    """``model`` rebuilt as ``config`` where they differ only by parts that start as the identity
-    (``token_logits`` off -> on, its last layer zero): the weights carried over, the new part
-    untrained, every output unchanged. Any other pair: ``model`` as it is (callers compare model
-    spaces and refuse what does not fit).
+ADDABLE_PARTS = {"token_logits": "mask_decoder.token_hypernetwork.", "click_prior": "mask_decoder.click_prior."}
+"""Config switches whose part can join a trained model, and the prefix of that part's weights."""
 
-    Lets a run ``--init`` from a model made before the part existed (refsam3d-small-v6).
+
+def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
+    """``model`` rebuilt as ``config`` where they differ only by parts of ``ADDABLE_PARTS`` turned
+    on: the weights carried over, the new parts at their initial values. ``token_logits`` starts at
+    zero (every output unchanged); ``click_prior`` acts only on clicks (text-only outputs
+    unchanged). Any other pair: ``model`` as it is (callers compare model spaces and refuse what
+    does not fit).
+
+    Lets a run ``--init`` from a model made before the part existed (refsam3d-small-v6 had no token
+    logits, v9 no click prior).
     """
-    if model.config.token_logits or dataclasses.replace(model.config, token_logits=True) != config:
+    added = [name for name in ADDABLE_PARTS if getattr(config, name) and not getattr(model.config, name)]
+    if not added or dataclasses.replace(model.config, **{name: True for name in added}) != config:
         return model
     grown = build_model(config, text_encoder=model.text_encoder)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or not all(name.startswith("mask_decoder.token_hypernetwork.") for name in missing):
-        raise RefSAM3DError(f"Cannot add token logits to this model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+    prefixes = tuple(ADDABLE_PARTS[name] for name in added)
+    if unexpected or not all(name.startswith(prefixes) for name in missing):
+        raise RefSAM3DError(f"Cannot add {', '.join(added)} to this model: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}.")
     grown.base_weights, grown.metadata = dict(model.base_weights), dict(model.metadata)
     return grown.train(model.training)
 

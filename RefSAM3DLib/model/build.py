@@ -51,7 +51,8 @@ def build_model(name_or_config: "str | ModelConfig" = "small", text_encoder: Tex
     pixel_decoder = PixelDecoder(c, config.embed_dim, config.upsample_channels, config.fusion_channels,
                                  config.stem_channels)
     mask_decoder = MaskDecoder3D(c, config.decoder_depth, config.decoder_heads, config.decoder_mlp_dim,
-                                 config.upsample_channels[-1], config.fusion_channels, config.token_logits)
+                                 config.upsample_channels[-1], config.fusion_channels, config.token_logits,
+                                 config.click_prior)
     return RefSAM3D(
         config,
         image_encoder=image_encoder,

@@ -78,6 +78,9 @@ class ModelConfig:
             (``mask_decoder.py``), so that points and boxes can say where. False in checkpoints
             made before it existed (their record has no such field); ``checkpoint.upgrade``
             adds it to such a model without changing its outputs.
+        click_prior: clicks also act through ``click_prior.ClickPrior`` (a local logit term from
+            the pixel features). False in checkpoints made before it existed; ``checkpoint.upgrade``
+            adds it (text-only outputs unchanged; answers to clicks gain its untrained term).
     """
 
     name: str
@@ -107,6 +110,7 @@ class ModelConfig:
     stem_channels: tuple[int, ...] = ()
     clip_text: dict = field(default_factory=dict)
     token_logits: bool = False
+    click_prior: bool = False
 
     @property
     def grid_tok(self) -> int:
@@ -255,6 +259,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         decoder_mlp_dim=512,
         fusion_channels=4,
         token_logits=True,
+        click_prior=True,
     ),
     "vit_b": ModelConfig(
         name="vit_b",
@@ -282,6 +287,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         fusion_channels=4,
         clip_text=dict(width=512, heads=8, layers=12, vocab_size=49408, output_dim=512),
         token_logits=True,
+        click_prior=True,
     ),
 }
 

@@ -24,6 +24,9 @@ Prompts enter cheaply (``MaskDecoder3D``), at token resolution:
   logit is trilinearly up-sampled and added. This is where a gesture says *where*: the shared
   features know nothing of the prompt, and the mask token alone only says *what*. Its last layer
   starts at zero, so adding it to a trained model changes no output until it trains;
+* with ``click_prior``, each click corrects its prompt's coarse logits at full resolution, at and
+  around the click where the pixel features look like the clicked voxel's (``click_prior.py``):
+  the token grid is too coarse for a click to fix a miss a few voxels wide;
 * the light per-prompt fusion with the image: the paper concatenates [mask logit, image] and
   applies a 3D convolution. That convolution is linear in its input channels, so it is computed
   as (3x3x3 conv of the image, shared) + (1x1x1 conv of the mask logit, per prompt), followed by
@@ -44,6 +47,7 @@ from monai.networks.blocks import UnetResBlock
 from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.transformer import TwoWayTransformer
 
+from .click_prior import ClickPrior
 from .image_encoder import LayerNorm3d
 
 
@@ -122,10 +126,11 @@ class MaskDecoder3D(nn.Module):
         pixel_dim: channels of the shared full-resolution features.
         fusion_channels: channels of the final image/mask fusion.
         token_logits: add the per-prompt logit of the updated image tokens (see the module doc).
+        click_prior: correct the coarse logits at and around clicks (``click_prior.ClickPrior``).
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int,
-                 token_logits: bool = False) -> None:
+                 token_logits: bool = False, click_prior: bool = False) -> None:
         super().__init__()
         self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
         self.mask_token = nn.Embedding(1, dim)
@@ -137,6 +142,7 @@ class MaskDecoder3D(nn.Module):
             self.token_hypernetwork = MLP(dim, dim, dim, num_layers=3)
             nn.init.zeros_(self.token_hypernetwork.layers[-1].weight)
             nn.init.zeros_(self.token_hypernetwork.layers[-1].bias)
+        self.click_prior = ClickPrior(pixel_dim) if click_prior else None
 
     def forward(
         self,
@@ -146,6 +152,8 @@ class MaskDecoder3D(nn.Module):
         sparse: torch.Tensor,
         pixel_features: torch.Tensor,
         image_term: torch.Tensor,
+        points_dhw: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -155,6 +163,9 @@ class MaskDecoder3D(nn.Module):
             sparse: (P, T, C) sparse prompt tokens.
             pixel_features: (B, C_pix, D, H, W) shared up-sampled features.
             image_term: (B, F, D, H, W) shared image half of the fusion convolution.
+            points_dhw, point_labels: the clicks (P, N, 3) and their labels (P, N), for the click
+                prior (``click_prior.py``), which corrects the coarse logits before the fusion with
+                the image refines their edges.
 
         Returns:
             (B, P, D, H, W) mask logits.
@@ -173,7 +184,10 @@ class MaskDecoder3D(nn.Module):
             token_logit = torch.einsum("bnc,bc->bn", image_tokens, self.token_hypernetwork(hs[:, 0]))
             token_logit = token_logit.reshape(b, p, *embedding.shape[2:])
             coarse = coarse + trilinear_upsample(token_logit, pixel_features.shape[2:])
-        return self._fuse_with_image(coarse.float(), image_term.float())
+        coarse = coarse.float()
+        if self.click_prior is not None and points_dhw is not None:
+            coarse = self.click_prior(pixel_features, coarse, points_dhw, point_labels)
+        return self._fuse_with_image(coarse, image_term.float())
 
     def _fuse_with_image(self, coarse: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:
         """The per-prompt fusion ``coarse + out_conv(GELU(image_term + mask_conv(coarse)))``, one

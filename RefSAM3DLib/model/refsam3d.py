@@ -169,7 +169,8 @@ class RefSAM3D(nn.Module):
         if spatial is not None:
             sparse = torch.cat([sparse, spatial], dim=1)
         return self.mask_decoder(
-            features.embedding, self.pe.grid(grid), dense, sparse, features.pixel_features, features.image_term
+            features.embedding, self.pe.grid(grid), dense, sparse, features.pixel_features, features.image_term,
+            points_dhw, point_labels,
         )
 
     def forward(self, image: torch.Tensor, texts: list[str], **spatial) -> torch.Tensor:
