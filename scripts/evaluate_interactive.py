@@ -17,8 +17,9 @@ reference label:
 * ``no_text``: the box and the interior click of ``box_click`` without text ("the structure in
   this box"): what the gestures carry by themselves.
 
-Writes ``interactive.csv`` (one row per case, structure and stage) and ``interactive.md`` (mean
-Dice per structure and stage), and prints the Markdown.
+Writes ``interactive.csv`` (one row per case, structure and stage: Dice, NSD, HD95 and the
+predicted / true volume, which tells a gesture that grows a mask from one that shrinks it) and
+``interactive.md`` (mean Dice per structure and stage), and prints the Markdown.
 """
 
 from __future__ import annotations
@@ -84,12 +85,17 @@ def bounding_box_ras(reference: np.ndarray, ijk_to_ras: np.ndarray) -> list[floa
     return corners.ravel().tolist()
 
 
+def stage_metrics(mask: np.ndarray, reference: np.ndarray, spacing_kji) -> dict[str, float]:
+    """``case_metrics`` of one answer and its predicted / true volume."""
+    return {**case_metrics(mask, reference, spacing_kji), "volume_ratio": float(mask.sum() / reference.sum())}
+
+
 def refine_structure(session: InteractiveSession, prompt: str, reference: np.ndarray, spacing_kji) -> dict[str, dict]:
     """Metrics of every stage of the protocol for one structure."""
     ijk_to_ras = session.volume.ijk_to_ras
     results = {}
     mask = session.segment(prompt).segments[0].mask.astype(bool)
-    results["text"] = case_metrics(mask, reference, spacing_kji)
+    results["text"] = stage_metrics(mask, reference, spacing_kji)
     box = bounding_box_ras(reference, ijk_to_ras)
     clicks_kji, labels = [most_interior_voxel(reference)], [1]
     for previous, stage in zip(REFINEMENT, REFINEMENT[1:]):
@@ -102,9 +108,9 @@ def refine_structure(session: InteractiveSession, prompt: str, reference: np.nda
             labels.append(click[1])
         answer = session.segment(prompt, points_ras=kji_to_ras(clicks_kji, ijk_to_ras), point_labels=labels, box_ras=box)
         mask = answer.segments[0].mask.astype(bool)
-        results[stage] = case_metrics(mask, reference, spacing_kji)
+        results[stage] = stage_metrics(mask, reference, spacing_kji)
     alone = session.segment(None, points_ras=kji_to_ras(clicks_kji[:1], ijk_to_ras), box_ras=box)
-    results["no_text"] = case_metrics(alone.segments[0].mask.astype(bool), reference, spacing_kji)
+    results["no_text"] = stage_metrics(alone.segments[0].mask.astype(bool), reference, spacing_kji)
     return results
 
 
@@ -155,19 +161,27 @@ def main(argv=None) -> int:
 
 
 def summary_markdown(rows: list[dict], model_label: str, args) -> str:
-    """Mean Dice per structure and stage, and the issue's figure (mean of its structures)."""
+    """Mean Dice and mean predicted / true volume per structure and stage, and the issue's figure
+    (mean Dice of its structures)."""
     structures = sorted({r["structure"] for r in rows})
-    mean = {(s, st): float(np.mean([r["dice"] for r in rows if r["structure"] == s and r["stage"] == st]))
-            for s in structures for st in STAGES}
+
+    def table(metric: str) -> tuple[dict, list[str]]:
+        mean = {(s, st): float(np.mean([r[metric] for r in rows if r["structure"] == s and r["stage"] == st]))
+                for s in structures for st in STAGES}
+        lines = ["| structure | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
+        lines += [f"| {s} | " + " | ".join(f"{mean[s, st]:.3f}" for st in STAGES) + " |" for s in structures]
+        return mean, lines
+
+    dice, dice_lines = table("dice")
+    _, volume_lines = table("volume_ratio")
     lines = [f"# Interactive refinement: {model_label}", "",
              f"Data: `{args.data}` cases {', '.join(sorted({r['case'] for r in rows}))}", "",
-             "| structure | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
-    for s in structures:
-        lines.append(f"| {s} | " + " | ".join(f"{mean[s, st]:.3f}" for st in STAGES) + " |")
+             "Dice:", "", *dice_lines]
     bounded = [s for s in ISSUE_STRUCTURES if s in structures]
     if bounded:
         lines += ["", "Mean over " + ", ".join(bounded) + ": " +
-                  ", ".join(f"{st} {np.mean([mean[s, st] for s in bounded]):.3f}" for st in STAGES)]
+                  ", ".join(f"{st} {np.mean([dice[s, st] for s in bounded]):.3f}" for st in STAGES)]
+    lines += ["", "Predicted / true volume:", "", *volume_lines]
     return "\n".join(lines) + "\n"
 
 
