@@ -67,13 +67,33 @@ def test_rounds_accumulate_clicks_and_pad_once_a_structure_is_exact():
     assert seen[0][2].tolist() == [[4, 4, 4, 9, 11, 8], [0, 0, 0, 2, 2, 2]]
 
 
+def test_a_first_click_inside_lands_on_the_structure_even_where_the_text_answer_is_right():
+    target = torch.stack([cube(), cube(low=(0, 0, 0), high=(3, 3, 3))])
+    exact = target[None].float() * 20 - 10  # the text answer is already exact
+    seen = []
+
+    def decode(points, labels, boxes):
+        seen.append((points.clone(), labels.clone()))
+        return exact
+
+    for inside_click_prob, first_labels in [(0.0, [[-1], [-1]]), (1.0, [[1], [1]])]:
+        seen.clear()
+        gesture_rounds(decode, exact, target, rounds=2, box_prob=0.0, box_jitter=0.0,
+                       inside_click_prob=inside_click_prob, generator=torch.Generator().manual_seed(0))
+        points, labels = seen[0]
+        assert labels.tolist() == first_labels  # without it, an exact answer gets no click at all
+        if inside_click_prob:
+            assert all(bool(target[i][tuple(points[i, 0].long())]) for i in range(2))
+        assert seen[1][1][:, 1].tolist() == [-1, -1]  # later rounds correct errors: none left
+
+
 def test_round_zero_of_a_gesture_step_is_the_text_only_step(untrained_small_toy):
     model = untrained_small_toy
     image = torch.rand(2, 1, 32, 32, 32)
     texts = [["liver", "spleen"], ["spleen"]]
     targets = [torch.stack([cube((32,) * 3), torch.zeros((32,) * 3, dtype=torch.bool)]), cube((32,) * 3)[None]]
     settings = {"rounds": 2, "box_prob": 0.5, "box_jitter": 0.1, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 0.0}
+                "no_text_prob": 0.0, "inside_click_prob": 0.0}
     with torch.no_grad():
         text_only = MultiPromptStep(model)(image, texts)
         with_gestures = GestureStep(model, settings)(image, texts, targets)
@@ -94,7 +114,7 @@ def test_gesture_rounds_without_text_start_from_an_empty_mask(untrained_small_to
     monkeypatch.setattr(model, "decode", recording)
     target = cube((32,) * 3)
     settings = {"rounds": 2, "box_prob": 0.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 1.0}
+                "no_text_prob": 1.0, "inside_click_prob": 0.0}
     with torch.no_grad():
         pairs = GestureStep(model, settings)(torch.rand(1, 1, 32, 32, 32), [["liver"]], [target[None]])[0]
     assert len(pairs) == 3

@@ -4,7 +4,10 @@ After the text-only decoding of a window (round 0, the text model's own training
 structure present in the window is decoded again for a few rounds, as a user would correct it:
 
 * round 1: optionally a box around the structure's part in the window, each face moved by a
-  random fraction of the box's extent (``box_jitter``), plus one click in the error of round 0;
+  random fraction of the box's extent (``box_jitter``), plus one click in the error of round 0,
+  or (``inside_click_prob``) a positive click anywhere inside the structure, as a user's first
+  click lands on the structure whether or not the text answer already covers it (SAM's first
+  click);
 * every later round: one more click, positive inside the missed region (false negatives) or
   negative inside the false positives of the previous round, whichever is larger, at a voxel of
   that region drawn uniformly. Clicks accumulate, as a user's do.
@@ -61,7 +64,8 @@ def subset(prompts: PromptEmbeddings, indices: list[int]) -> PromptEmbeddings:
 
 
 def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rounds: int, box_prob: float,
-                   box_jitter: float, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                   box_jitter: float, inside_click_prob: float = 0.0,
+                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Decode ``rounds`` rounds of simulated gestures for P structures present in a window.
 
     Args:
@@ -72,6 +76,8 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
         rounds: gesture rounds (>= 1).
         box_prob: probability that round 1 carries a box (one draw for the P prompts).
         box_jitter: box faces move by up to this fraction of the box's extent.
+        inside_click_prob: probability that round 1's click is a positive click drawn uniformly
+            inside the structure rather than on the error of round 0 (one draw for the P prompts).
 
     Returns:
         the logits ``(1, P, D, H, W)`` of every round.
@@ -79,15 +85,19 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
     target = target.bool()
     p = target.shape[0]
     use_box = float(torch.rand(1, generator=generator)) < box_prob
+    click_inside = inside_click_prob > 0 and float(torch.rand(1, generator=generator)) < inside_click_prob
     boxes = torch.stack([jittered_box(t, box_jitter, generator) for t in target]) if use_box else None
     points = torch.zeros(p, 0, 3, device=target.device)
     labels = torch.zeros(p, 0, dtype=torch.long, device=target.device)
     previous = first_logits.detach()[0] > 0
     outputs = []
-    for _ in range(rounds):
+    for round_index in range(rounds):
         new_points, new_labels = [], []
         for i in range(p):
-            click = corrective_click(previous[i], target[i], generator)
+            if round_index == 0 and click_inside:
+                click = click_in(target[i], generator), 1
+            else:
+                click = corrective_click(previous[i], target[i], generator)
             # An exact prediction gets a padding point (label -1), so the P prompts stay one batch.
             point, label = click if click is not None else (torch.zeros(3, device=target.device), -1)
             new_points.append(point.to(target.device))

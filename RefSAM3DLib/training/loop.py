@@ -129,7 +129,8 @@ class GestureStep(MultiPromptStep):
                                              point_labels=labels, boxes_dhw=boxes)
 
                 rounds = gesture_rounds(decode, first_logits, target[present], self.settings["rounds"],
-                                        self.settings["box_prob"], self.settings["box_jitter"])
+                                        self.settings["box_prob"], self.settings["box_jitter"],
+                                        self.settings["inside_click_prob"])
                 pairs += [(round_logits, target[present]) for round_logits in rounds]
             out.append(pairs)
         return out
