@@ -154,7 +154,7 @@ def write_text_embedding_cache(directory: "str | Path") -> Path:
     metadata (the whole vocabulary when it names none), not on the trained weights: run this
     after replacing a folder's weights by hand,
     e.g. ``python -c "from RefSAM3DLib.checkpoint import write_text_embedding_cache as w;
-    w('RefSAM3DLib/models/refsam3d-small-v9')"``.
+    w('RefSAM3DLib/models/refsam3d-small-v10')"``.
 
     Raises:
         RefSAM3DError: not a model folder, a config without a MiniLM text encoder, or an installed
