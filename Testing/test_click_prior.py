@@ -87,3 +87,26 @@ def test_a_model_gaining_the_click_prior_keeps_its_text_answers_and_changes_its_
             clicks = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[label]]))
             before, after = older(image, ["liver"], **clicks), grown(image, ["liver"], **clicks)
             assert (after - before)[0, 0, 40, 40, 40] * (1 if label else -1) > 1.0
+
+
+def test_the_cropped_term_is_the_whole_window_formula_within_its_reach():
+    """The prior computes each click within REACH_SIGMAS of it; against the formula evaluated on
+    the whole window, near a corner (crop clipped) and off the voxel grid."""
+    torch.manual_seed(0)
+    prior = ClickPrior(4).requires_grad_(False)
+    prior.floor.data = torch.tensor([0.2, 0.1])
+    features, coarse = torch.randn(1, 4, 30, 26, 34), torch.randn(1, 1, 30, 26, 34)
+    for point, label in [((2.0, 24.6, 1.0), 1), ((15.0, 13.0, 17.0), 0)]:
+        corrected = prior(features, coarse, torch.tensor([[point]]), torch.tensor([[label]]))
+        sign, voxel = (1.0 if label else -1.0), tuple(round(c) for c in point)
+        unit = prior.projection(features.movedim(1, -1))
+        unit = unit / unit.norm(dim=-1, keepdim=True)
+        pull = torch.relu(((unit * unit[(0, *voxel)]).sum(-1) - prior.floor[label]) / (1 - prior.floor[label]))
+        grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in (30, 26, 34)],
+                                          indexing="ij"), dim=-1)
+        sigma = torch.exp(prior.log_sigma_vox[label])
+        nearness = torch.exp(-((grid - torch.tensor(point)) ** 2).sum(-1) / (2 * sigma ** 2))
+        amount = torch.nn.functional.softplus(prior.margin[label] - sign * coarse[(0, 0, *voxel)])
+        expected = coarse + sign * amount * nearness * pull
+        assert torch.allclose(corrected, expected, atol=2e-3 * float(amount)), (point, label)
+        assert not torch.allclose(corrected, coarse)

@@ -35,6 +35,11 @@ INITIAL_SIGMA_VOX = 6.0
 """Gaussian reach of a click before training, in model voxels (18 mm for ``small``)."""
 INITIAL_FLOOR = 0.5
 """Cosine similarity below which a voxel is not moved by a click, before training."""
+REACH_SIGMAS = 4.0
+"""A click's term is computed within this many sigmas of it, where its Gaussian has fallen to
+exp(-8) = 3e-4 of its peak (a few thousandths of a logit beyond): a click costs a crop of the
+window, not the window (the third click of a gesture took 0.49 s on the bundled sample CT when every
+click projected the whole window's features, 0.37 s with the crop; the first run takes 4.3-4.7 s)."""
 
 
 class ClickPrior(nn.Module):
@@ -66,28 +71,40 @@ class ClickPrior(nn.Module):
             (B, P, D, H, W) float32: ``coarse`` plus the clicks' terms.
         """
         with torch.autocast(pixel_features.device.type, enabled=False):
-            b, p = coarse.shape[:2]
+            batch, p = coarse.shape[:2]
             size = coarse.shape[2:]
             labels = torch.ones(points_dhw.shape[:2], dtype=torch.long, device=points_dhw.device) \
                 if point_labels is None else point_labels.long()
-            features = self.projection(pixel_features.float().movedim(1, -1))  # (B, D, H, W, C)
-            features = features / features.norm(dim=-1, keepdim=True).clamp(min=1e-6)
             limit = torch.tensor(size, device=points_dhw.device) - 1
             voxels = torch.minimum(points_dhw.round().long().clamp(min=0), limit)  # (P, N, 3)
             axes = [torch.arange(s, dtype=torch.float32, device=coarse.device) for s in size]
             corrected = list(coarse.unbind(dim=1))
             for i, j in torch.nonzero(labels >= 0).tolist():
                 kind = int(labels[i, j])
-                vd, vh, vw = voxels[i, j].tolist()
+                centre = voxels[i, j].tolist()
                 sign = 1.0 if kind == 1 else -1.0
                 # How wrong the mask is at the click, measured, not learned through.
-                amount = F.softplus(self.margin[kind] - sign * coarse[:, i, vd, vh, vw].detach())  # (B,)
-                similarity = (features * features[:, vd, vh, vw, None, None, None, :]).sum(dim=-1)  # (B, D, H, W)
+                amount = F.softplus(self.margin[kind] - sign * coarse[(slice(None), i, *centre)].detach())  # (B,)
+                sigma = torch.exp(self.log_sigma_vox[kind])
+                reach = math.ceil(REACH_SIGMAS * float(sigma.detach()))
+                low = [max(c - reach, 0) for c in centre]
+                high = [min(c + reach + 1, s) for c, s in zip(centre, size)]
+                crop = (slice(None), slice(None)) + tuple(slice(a, z) for a, z in zip(low, high))
+                features = self._unit_features(pixel_features[crop])  # (B, d, h, w, C)
+                at_click = features[(slice(None), *[c - a for c, a in zip(centre, low)])]  # (B, C)
+                similarity = (features * at_click[:, None, None, None, :]).sum(dim=-1)  # (B, d, h, w)
                 floor = self.floor[kind].clamp(max=0.95)
                 pull = torch.relu((similarity - floor) / (1.0 - floor))
-                spread = 2.0 * torch.exp(self.log_sigma_vox[kind]) ** 2
-                gd, gh, gw = (torch.exp(-(axis - float(centre)) ** 2 / spread) for axis, centre in
-                              zip(axes, points_dhw[i, j].tolist()))
+                gd, gh, gw = (torch.exp(-(axis[a:z] - float(c)) ** 2 / (2.0 * sigma ** 2)) for axis, a, z, c in
+                              zip(axes, low, high, points_dhw[i, j].tolist()))
                 nearness = gd[:, None, None] * gh[None, :, None] * gw[None, None, :]
-                corrected[i] = corrected[i] + sign * amount.view(b, 1, 1, 1) * nearness * pull
+                term = sign * amount.view(batch, 1, 1, 1) * nearness * pull
+                # F.pad lists the last axis first: (w before, w after, h before, ..., d after).
+                padding = [n for a, z, s in reversed(list(zip(low, high, size))) for n in (a, s - z)]
+                corrected[i] = corrected[i] + F.pad(term, padding)
             return torch.stack(corrected, dim=1)
+
+    def _unit_features(self, pixel_features: torch.Tensor) -> torch.Tensor:
+        """(B, C, d, h, w) pixel features -> (B, d, h, w, C) projected and of unit length."""
+        features = self.projection(pixel_features.float().movedim(1, -1))
+        return features / features.norm(dim=-1, keepdim=True).clamp(min=1e-6)
