@@ -19,7 +19,8 @@ reference label:
 
 Writes ``interactive.csv`` (one row per case, structure and stage: Dice, NSD, HD95 and the
 predicted / true volume, which tells a gesture that grows a mask from one that shrinks it) and
-``interactive.md`` (mean Dice per structure and stage), and prints the Markdown.
+``interactive.md`` (mean Dice and mean predicted / true volume per structure and stage), and
+prints the Markdown.
 """
 
 from __future__ import annotations
