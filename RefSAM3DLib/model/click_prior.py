@@ -77,7 +77,6 @@ class ClickPrior(nn.Module):
                 if point_labels is None else point_labels.long()
             limit = torch.tensor(size, device=points_dhw.device) - 1
             voxels = torch.minimum(points_dhw.round().long().clamp(min=0), limit)  # (P, N, 3)
-            axes = [torch.arange(s, dtype=torch.float32, device=coarse.device) for s in size]
             corrected = list(coarse.unbind(dim=1))
             for i, j in torch.nonzero(labels >= 0).tolist():
                 kind = int(labels[i, j])
@@ -95,8 +94,8 @@ class ClickPrior(nn.Module):
                 similarity = (features * at_click[:, None, None, None, :]).sum(dim=-1)  # (B, d, h, w)
                 floor = self.floor[kind].clamp(max=0.95)
                 pull = torch.relu((similarity - floor) / (1.0 - floor))
-                gd, gh, gw = (torch.exp(-(axis[a:z] - float(c)) ** 2 / (2.0 * sigma ** 2)) for axis, a, z, c in
-                              zip(axes, low, high, points_dhw[i, j].tolist()))
+                gd, gh, gw = (torch.exp(-(torch.arange(a, z, dtype=torch.float32, device=coarse.device) - c) ** 2
+                                        / (2.0 * sigma ** 2)) for a, z, c in zip(low, high, points_dhw[i, j].tolist()))
                 nearness = gd[:, None, None] * gh[None, :, None] * gw[None, None, :]
                 term = sign * amount.view(batch, 1, 1, 1) * nearness * pull
                 # F.pad lists the last axis first: (w before, w after, h before, ..., d after).
