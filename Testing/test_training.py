@@ -453,3 +453,22 @@ def test_training_from_a_carried_cache_needs_no_simpleitk_data_or_text_weights(t
                             cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["step"] for r in _log(tmp_path / "gpu")] == ["1", "2"]
+
+
+def test_the_click_prior_learns_at_its_own_rate_and_a_run_resumes_only_with_its_own(toy_config, tmp_path):
+    from RefSAM3DLib.training.loop import parameter_groups
+
+    part = train(_with(toy_config, tmp_path / "part", steps=8, click_prior_lr_scale=10.0), device="cpu",
+                 progress=False, stop_after=2)
+    groups = torch.load(part / "checkpoint" / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [len(g["params"]) for g in groups][1] == 4  # projection, margin, log-sigma, floor
+    assert groups[0]["lr"] > 0 and groups[1]["lr"] == pytest.approx(10.0 * groups[0]["lr"])  # the schedule keeps the ratio
+    with pytest.raises(RefSAM3DError, match="another training.click_prior_lr_scale"):
+        train(_with(toy_config, tmp_path / "part", steps=8), resume=True, device="cpu", progress=False)
+
+    without = torch.nn.Linear(2, 2)
+    assert len(parameter_groups(without, 1e-3, 1.0)) == 1
+    with pytest.raises(RefSAM3DError, match="has no click prior"):
+        parameter_groups(without, 1e-3, 10.0)
+    with pytest.raises(RefSAM3DError, match="click_prior_lr_scale must be a number"):
+        load_config(_with(toy_config, tmp_path / "bad", click_prior_lr_scale=0))

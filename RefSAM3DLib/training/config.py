@@ -41,6 +41,10 @@ TRAINING_DEFAULTS = {
         "grad_clip": 1.0,
         "exclusive_weight": 0.0,  # the label map's cross-prompt cross-entropy (training/loss.py)
         "dataset_weights": {},
+        # The click prior's learning rate as a multiple of lr (model/click_prior.py): its few
+        # numbers are margins in logits and log-sigmas, which Adam moves by about lr per step, so
+        # at lr 3e-4 a 700-step run barely moves them (refsam3d-small-v10: margin 4.0 -> 4.1).
+        "click_prior_lr_scale": 1.0,
     },
     "augment": {},
     # Simulated gestures (training/gestures.py), trained with text on the same encoder pass.
@@ -101,6 +105,9 @@ def load_config(source: dict | str | Path) -> dict:
     weight = config["training"]["exclusive_weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 100:
         raise RefSAM3DError(f"training.exclusive_weight must be a number in 0..100, not {weight!r}; fix the config")
+    scale = config["training"]["click_prior_lr_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1000:
+        raise RefSAM3DError(f"training.click_prior_lr_scale must be a number in (0, 1000], not {scale!r}; fix the config")
 
     config["output"] = str((base / config["output"]).resolve())
     config["cache"] = str((base / config["cache"]).resolve()) if config["cache"] else str(Path(config["output"]) / "cache")

@@ -145,6 +145,22 @@ def gesture_loss(loss_fn: nn.Module, pairs: list, weight: float, device) -> torc
     return text + weight * sum(rounds) / len(rounds)
 
 
+def parameter_groups(model: nn.Module, lr: float, click_prior_lr_scale: float) -> list[dict]:
+    """The optimiser's parameter groups: one, or two when the click prior learns at its own rate.
+
+    A single group when the scale is 1, so that runs started before the option resume as they were.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if click_prior_lr_scale == 1:
+        return [{"params": [p for _, p in trainable]}]
+    prior = [p for name, p in trainable if ".click_prior." in f".{name}"]
+    if not prior:
+        raise RefSAM3DError("training.click_prior_lr_scale is set but the model has no click prior "
+                            "(its config's click_prior is off); remove the option or use a model with one")
+    rest = [p for name, p in trainable if ".click_prior." not in f".{name}"]
+    return [{"params": rest}, {"params": prior, "lr": lr * click_prior_lr_scale}]
+
+
 def train(config: dict | str | Path, resume: bool = False, init: str | Path | None = None,
           max_cases: int | None = None, device: str = "auto", progress: bool = True,
           stop_after: int | None = None) -> Path:
@@ -206,8 +222,9 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
         )
     model.base_weights.update(table.base_weights)
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"], betas=tuple(t["betas"]))
+    groups = parameter_groups(model, t["lr"], t["click_prior_lr_scale"])
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=t["lr"], weight_decay=t["weight_decay"], betas=tuple(t["betas"]))
     auto_steps = t["steps"] == "auto"
     if auto_steps and not t["max_minutes"]:
         raise RefSAM3DError("training.steps 'auto' needs training.max_minutes; set one of them to a number")
@@ -218,6 +235,11 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
     step, best, elapsed_before = 0, -1.0, 0.0
     if resume:
         state = _read_training_state(out / "checkpoint" / STATE_FILE)
+        if len(state["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+            raise RefSAM3DError(
+                f"the run in {out} was started with another training.click_prior_lr_scale (its optimiser has "
+                f"{len(state['optimizer']['param_groups'])} parameter groups, this config gives "
+                f"{len(optimizer.param_groups)}); resume with the run's own config or start a new run")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
