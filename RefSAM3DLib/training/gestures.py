@@ -85,6 +85,7 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
     target = target.bool()
     p = target.shape[0]
     use_box = float(torch.rand(1, generator=generator)) < box_prob
+    # No draw when the option is off, so that older recipes replay the same random numbers.
     click_inside = inside_click_prob > 0 and float(torch.rand(1, generator=generator)) < inside_click_prob
     boxes = torch.stack([jittered_box(t, box_jitter, generator) for t in target]) if use_box else None
     points = torch.zeros(p, 0, 3, device=target.device)
