@@ -220,7 +220,9 @@ class InteractiveSession:
                                       w:w + self.model_shape_dhw[2]]
         if box_model_dhw is not None:  # one structure
             probabilities = inside_box(probabilities[0], box_model_dhw)[None]
-        segments, label_map = segments_on_input(probabilities.numpy(), parsed, self.grid, self.options)
+        positive_kji = [geometry.nearest_voxel_kji(point, self.volume) for point in points_ras[labels == 1]]
+        segments, label_map = segments_on_input(probabilities.numpy(), parsed, self.grid, self.options,
+                                                keep_kji=positive_kji)
         return LabelResult(
             reference=self.volume, segments=segments,
             model_name=model_name(self.model), model_version=model_version(self.model),

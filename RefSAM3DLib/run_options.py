@@ -48,8 +48,9 @@ class RunOptions:
             (``model_info.model_folder`` reads it).
         largest_component: keep only the largest connected component of each structure that is
             one piece (``Structure.one_piece``: organs, vessels, bones; not tumours, bowel or
-            groups such as the vertebrae): islands of a one-piece organ are false positives. On
-            by default; off keeps every component.
+            groups such as the vertebrae): islands of a one-piece organ are false positives. A
+            piece holding a positive click stays too: the user said it is the structure. On by
+            default; off keeps every component.
         fill_holes: fill holes enclosed by each structure.
     """
 
@@ -115,5 +116,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"probability a voxel needs to belong to a structure, in (0, 1) (default {default.threshold})")
     parser.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=default.largest_component,
                         help="keep only the largest connected component of each one-piece structure: organs, "
-                             "vessels, bones; never tumours, bowel or groups such as the vertebrae (default: on)")
+                             "vessels, bones (and every piece holding a positive --point); never tumours, bowel "
+                             "or groups such as the vertebrae (default: on)")
     parser.add_argument("--fill-holes", action="store_true", default=default.fill_holes, help="fill enclosed holes")

@@ -139,6 +139,46 @@ def test_postprocessing_keeps_the_largest_component_and_fills_holes():
     assert postprocess_mask(mask, False, False) is mask
 
 
+def test_postprocessing_keeps_the_components_of_positive_clicks_besides_the_largest():
+    from RefSAM3DLib.inference import postprocess_mask
+
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:12, 2:12, 2:12] = 1  # the largest piece
+    mask[15:18, 15:18, 15:18] = 1  # a piece a user clicked
+    mask[15:17, 2:4, 2:4] = 1  # a piece nobody clicked
+    kept = postprocess_mask(mask, True, False, keep_kji=[(16, 16, 16)])
+    assert kept[5, 5, 5] == 1 and kept[16, 16, 16] == 1 and kept[15, 2, 2] == 0
+    assert kept.sum() == 1000 + 27
+    # A click on the background or on the largest piece keeps the largest alone, as no click does.
+    for keep in ([(0, 0, 0)], [(5, 5, 5)], []):
+        assert np.array_equal(postprocess_mask(mask, True, False, keep_kji=keep), postprocess_mask(mask, True, False))
+
+
+def test_a_positive_click_on_the_input_grid_keeps_its_piece_after_resampling(samples_dir):
+    """The click is an input-grid voxel; the clean-up runs on a crop of that grid, so the crop's
+    offset must be taken off (oblique geometry, anisotropic model grid)."""
+    from RefSAM3DLib.inference import mask_on_input
+    from RefSAM3DLib.preprocess import model_grid
+
+    volume = oblique_ct()
+    grid = model_grid(volume, (3.0, 2.5, 2.0))
+    probabilities = np.zeros(grid.shape_dhw, np.float32)
+    d, h, w = grid.shape_dhw
+    probabilities[d // 4:d // 2, h // 4:h // 2, w // 4:w // 2] = 1.0  # the larger piece
+    probabilities[3 * d // 4:3 * d // 4 + 3, 3 * h // 4:3 * h // 4 + 3, 3 * w // 4:3 * w // 4 + 3] = 1.0
+    options = RunOptions(largest_component=True)
+    unclicked, _, _ = mask_on_input(probabilities, grid, options, one_piece=True)
+    everything, _, _ = mask_on_input(probabilities, grid, RunOptions(largest_component=False), one_piece=True)
+    small_piece = everything.astype(bool) & ~unclicked.astype(bool)
+    assert small_piece.any()
+    click = tuple(int(v) for v in np.argwhere(small_piece)[len(np.argwhere(small_piece)) // 2])
+    clicked, _, _ = mask_on_input(probabilities, grid, options, one_piece=True, keep_kji=[click])
+    assert np.array_equal(clicked, everything)
+    # A click outside the crop the clean-up runs on is ignored, not an index error.
+    outside, _, _ = mask_on_input(probabilities, grid, options, one_piece=True, keep_kji=[(0, 0, 0)])
+    assert np.array_equal(outside, unclicked)
+
+
 @pytest.mark.parametrize("largest_component, fill_holes", [(True, False), (False, True), (True, True)])
 def test_postprocessing_gives_scipy_ndimages_masks(largest_component, fill_holes):
     """SimpleITK's clean-up, face-connected as ndimage's defaults, on ragged random masks."""

@@ -147,3 +147,21 @@ def test_a_cache_that_cannot_fit_is_refused_before_encoding(tiny, oblique_ct, mo
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_the_clean_up_is_told_the_input_voxels_of_positive_clicks_only(session, monkeypatch):
+    import RefSAM3DLib.interactive as interactive
+
+    seen = []
+    real = interactive.segments_on_input
+
+    def recording(*args, keep_kji=(), **kwargs):
+        seen.append([tuple(v) for v in keep_kji])
+        return real(*args, keep_kji=keep_kji, **kwargs)
+
+    monkeypatch.setattr(interactive, "segments_on_input", recording)
+    volume = session.volume
+    positive_kji, negative_kji = (5, 7, 9), (12, 20, 3)
+    to_ras = lambda kji: (volume.ijk_to_ras @ np.array([*kji[::-1], 1.0]))[:3]  # noqa: E731
+    session.segment("liver", points_ras=[to_ras(positive_kji), to_ras(negative_kji)], point_labels=[1, 0])
+    assert seen == [[positive_kji]]
