@@ -152,10 +152,9 @@ def postprocess_mask(mask: np.ndarray, largest_component: bool, fill_holes: bool
     if largest_component:
         components = sitk.RelabelComponent(sitk.ConnectedComponent(image), sortByObjectSize=True)
         clicked = {int(components.GetPixel(int(i), int(j), int(k))) for k, j, i in np.asarray(keep_kji).reshape(-1, 3)}
-        kept = sorted(({1} | clicked) - {0})
-        image = components == 1 if len(kept) == 1 else \
-            sitk.GetImageFromArray(np.isin(sitk.GetArrayViewFromImage(components), kept).astype(np.uint8))
-        image.CopyInformation(components)
+        image = components == 1
+        for label in clicked - {0, 1}:
+            image = image | (components == label)
     if fill_holes:
         image = sitk.BinaryFillhole(image)
     return sitk.GetArrayFromImage(image).astype(np.uint8)
