@@ -148,9 +148,9 @@ def test_interactive_settings_are_validated(section, message):
         load_config({"datasets": [{"name": "x"}], "interactive": section})
 
 
-def test_a_few_training_steps_with_gestures_record_it_in_the_checkpoint(samples_dir, tmp_path):
-    config = {
-        "model": TOY_MODEL, "output": str(tmp_path / "run"), "cache": str(tmp_path / "cache"),
+def _gesture_config(samples_dir, output):
+    return {
+        "model": TOY_MODEL, "output": str(output / "run"), "cache": str(output / "cache"),
         "data_root": str(samples_dir),
         "datasets": [{"name": "ts", "root": ".", "modality": "CT", "include": ["ts_example_ct"],
                       "structures": ["liver", "spleen"]}],
@@ -160,8 +160,32 @@ def test_a_few_training_steps_with_gestures_record_it_in_the_checkpoint(samples_
                     "sharpen_prob": 0.0, "posterize_prob": 0.0},
         "interactive": {"enabled": True, "rounds": 2},
     }
-    run = train(config, device="cpu", progress=False)
+
+
+def test_a_few_training_steps_with_gestures_record_it_in_the_checkpoint(samples_dir, tmp_path):
+    run = train(_gesture_config(samples_dir, tmp_path), device="cpu", progress=False)
     record = json.loads((run / "checkpoint" / "config.json").read_text(encoding="utf-8"))
     assert record["metadata"]["spatial_prompts"] is True and record["metadata"]["step"] == 3
     losses = [float(line.split(",")[1]) for line in (run / "log.csv").read_text(encoding="utf-8").splitlines()[1:]]
     assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
+
+
+def test_training_only_the_gesture_parameters_leaves_every_other_weight_as_init_gave_it(samples_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    first = train(_gesture_config(samples_dir, tmp_path / "first"), device="cpu", progress=False)
+    config = _gesture_config(samples_dir, tmp_path / "second")
+    config["training"].update(trainable=["spatial_prompts", "mask_decoder.click_prior"], lr=1e-2)
+    second = train(config, init=first / "checkpoint", device="cpu", progress=False)
+    before, after = (load_file(next((run / "checkpoint").glob("*.safetensors"))) for run in (first, second))
+    assert before.keys() == after.keys()  # the checkpoint still holds every weight
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(("spatial_prompts.", "mask_decoder.click_prior.")) for name in changed)
+    assert "spatial_prompts.point_embeddings.weight" in changed
+
+    config["training"]["trainable"] = ["decoder_of_clicks"]
+    with pytest.raises(RefSAM3DError, match="no trainable parameter of this model starts with 'decoder_of_clicks'"):
+        train(config, init=first / "checkpoint", device="cpu", progress=False)
+    config["training"]["trainable"] = "spatial_prompts"
+    with pytest.raises(RefSAM3DError, match="training.trainable must be a list"):
+        load_config(config)

@@ -45,6 +45,11 @@ TRAINING_DEFAULTS = {
         # numbers are margins in logits and log-sigmas, which Adam moves by about lr per step, so
         # at lr 3e-4 a 700-step run barely moves them (refsam3d-small-v10: margin 4.0 -> 4.1).
         "click_prior_lr_scale": 1.0,
+        # Parameter-name prefixes that this run trains; the rest stay as --init gave them. Empty:
+        # all. ["spatial_prompts", "mask_decoder.click_prior"] trains the gestures' own
+        # parameters only, so that text alone answers exactly as before (and steps are faster:
+        # no gradient flows through the image encoder).
+        "trainable": [],
     },
     "augment": {},
     # Simulated gestures (training/gestures.py), trained with text on the same encoder pass.
@@ -108,6 +113,9 @@ def load_config(source: dict | str | Path) -> dict:
     scale = config["training"]["click_prior_lr_scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1000:
         raise RefSAM3DError(f"training.click_prior_lr_scale must be a number in (0, 1000], not {scale!r}; fix the config")
+    trainable = config["training"]["trainable"]
+    if not isinstance(trainable, list) or not all(isinstance(p, str) and p for p in trainable):
+        raise RefSAM3DError(f"training.trainable must be a list of parameter-name prefixes, not {trainable!r}; fix the config")
 
     config["output"] = str((base / config["output"]).resolve())
     config["cache"] = str((base / config["cache"]).resolve()) if config["cache"] else str(Path(config["output"]) / "cache")

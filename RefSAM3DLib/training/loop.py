@@ -23,7 +23,7 @@ import os
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +161,35 @@ def parameter_groups(model: nn.Module, lr: float, click_prior_lr_scale: float) -
     return [{"params": rest}, {"params": prior, "lr": lr * click_prior_lr_scale}]
 
 
+def freeze_all_but(model: nn.Module, prefixes: list[str]) -> list[nn.Parameter]:
+    """Stop training every parameter whose name starts with none of ``prefixes`` (empty: train
+    all); returns the parameters frozen here. RefSAM3DError for a prefix that names no parameter."""
+    if not prefixes:
+        return []
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name, _ in named):
+            raise RefSAM3DError(f"training.trainable: no trainable parameter of this model starts with '{prefix}' "
+                                f"(its modules: {sorted({name.split('.')[0] for name, _ in named})}); fix the config")
+    frozen = [p for name, p in named if not name.startswith(tuple(prefixes))]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+@contextmanager
+def unfrozen(parameters: list[nn.Parameter]):
+    """``parameters`` marked trainable while a checkpoint is written: a checkpoint stores what the
+    model trains (``trainable_state_dict``), which includes what this run keeps fixed."""
+    for p in parameters:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(False)
+
+
 def train(config: dict | str | Path, resume: bool = False, init: str | Path | None = None,
           max_cases: int | None = None, device: str = "auto", progress: bool = True,
           stop_after: int | None = None) -> Path:
@@ -222,6 +251,7 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
         )
     model.base_weights.update(table.base_weights)
     model.to(device).train()
+    frozen = freeze_all_but(model, t["trainable"])
     groups = parameter_groups(model, t["lr"], t["click_prior_lr_scale"])
     params = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=t["lr"], weight_decay=t["weight_decay"], betas=tuple(t["betas"]))
@@ -292,7 +322,8 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
         }
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        _save_checkpoint_dir(model, out / directory_name, metadata, state)
+        with unfrozen(frozen):
+            _save_checkpoint_dir(model, out / directory_name, metadata, state)
 
     started = time.perf_counter()
     first_step = step
@@ -322,7 +353,8 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
                     loss = sum(loss_fn(lg.float(), tg.to(device)[None].float()) for lg, tg in zip(logits, batch["target"]))
                     loss = loss / len(logits)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad:  # not when only gesture parameters train and no structure is in view
+                    loss.backward()
                 if t["grad_clip"]:
                     torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
                 optimizer.step()
