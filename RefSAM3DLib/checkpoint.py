@@ -74,7 +74,8 @@ def build_untrained(
     return model
 
 
-ADDABLE_PARTS = {"token_logits": "mask_decoder.token_hypernetwork.", "click_prior": "mask_decoder.click_prior."}
+ADDABLE_PARTS = {"token_logits": "mask_decoder.token_hypernetwork.", "click_prior": "mask_decoder.click_prior.",
+                 "gesture_maps": "mask_decoder.gesture_maps."}
 """Config switches whose part can join a trained model, and the prefix of that part's weights."""
 
 
@@ -82,7 +83,7 @@ def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
     """``model`` rebuilt as ``config`` where they differ only by parts of ``ADDABLE_PARTS`` turned
     on: the weights carried over, the new parts at their initial values. ``token_logits`` starts at
     zero (every output unchanged); ``click_prior`` acts only on clicks (text-only outputs
-    unchanged). Any other pair: ``model`` as it is (callers compare model spaces and refuse what
+    unchanged); ``gesture_maps`` starts at zero. Any other pair: ``model`` as it is (callers compare model spaces and refuse what
     does not fit).
 
     Lets a run ``--init`` from a model made before the part existed (refsam3d-small-v6 had no token
@@ -154,7 +155,7 @@ def write_text_embedding_cache(directory: "str | Path") -> Path:
     metadata (the whole vocabulary when it names none), not on the trained weights: run this
     after replacing a folder's weights by hand,
     e.g. ``python -c "from RefSAM3DLib.checkpoint import write_text_embedding_cache as w;
-    w('RefSAM3DLib/models/refsam3d-small-v10')"``.
+    w('RefSAM3DLib/models/refsam3d-small-v11')"``.
 
     Raises:
         RefSAM3DError: not a model folder, a config without a MiniLM text encoder, or an installed

@@ -81,6 +81,8 @@ class ModelConfig:
         click_prior: clicks also act through ``click_prior.ClickPrior`` (a local logit term from
             the pixel features). False in checkpoints made before it existed; ``checkpoint.upgrade``
             adds it (text-only outputs unchanged; answers to clicks gain its untrained term).
+        gesture_maps: boxes and clicks also act as full-resolution maps (``gesture_maps.GestureMaps``).
+            False in checkpoints made before it existed; ``checkpoint.upgrade`` adds it at zero.
     """
 
     name: str
@@ -111,6 +113,7 @@ class ModelConfig:
     clip_text: dict = field(default_factory=dict)
     token_logits: bool = False
     click_prior: bool = False
+    gesture_maps: bool = False
 
     @property
     def grid_tok(self) -> int:
@@ -260,6 +263,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         fusion_channels=4,
         token_logits=True,
         click_prior=True,
+        gesture_maps=True,
     ),
     "vit_b": ModelConfig(
         name="vit_b",
@@ -288,6 +292,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         clip_text=dict(width=512, heads=8, layers=12, vocab_size=49408, output_dim=512),
         token_logits=True,
         click_prior=True,
+        gesture_maps=True,
     ),
 }
 

@@ -27,6 +27,9 @@ Prompts enter cheaply (``MaskDecoder3D``), at token resolution:
 * with ``click_prior``, each click corrects its prompt's coarse logits at full resolution, at and
   around the click where the pixel features look like the clicked voxel's (``click_prior.py``):
   the token grid is too coarse for a click to fix a miss a few voxels wide;
+* with ``gesture_maps``, the box and clicks drawn as full-resolution maps are read voxel by voxel
+  with the pixel features, and correct the coarse logits on the crop they reach
+  (``gesture_maps.py``);
 * the light per-prompt fusion with the image: the paper concatenates [mask logit, image] and
   applies a 3D convolution. That convolution is linear in its input channels, so it is computed
   as (3x3x3 conv of the image, shared) + (1x1x1 conv of the mask logit, per prompt), followed by
@@ -48,6 +51,7 @@ from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.transformer import TwoWayTransformer
 
 from .click_prior import ClickPrior
+from .gesture_maps import GestureMaps
 from .image_encoder import LayerNorm3d
 
 
@@ -127,10 +131,11 @@ class MaskDecoder3D(nn.Module):
         fusion_channels: channels of the final image/mask fusion.
         token_logits: add the per-prompt logit of the updated image tokens (see the module doc).
         click_prior: correct the coarse logits at and around clicks (``click_prior.ClickPrior``).
+        gesture_maps: correct them from the gestures drawn as maps (``gesture_maps.GestureMaps``).
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int,
-                 token_logits: bool = False, click_prior: bool = False) -> None:
+                 token_logits: bool = False, click_prior: bool = False, gesture_maps: bool = False) -> None:
         super().__init__()
         self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
         self.mask_token = nn.Embedding(1, dim)
@@ -143,6 +148,7 @@ class MaskDecoder3D(nn.Module):
             nn.init.zeros_(self.token_hypernetwork.layers[-1].weight)
             nn.init.zeros_(self.token_hypernetwork.layers[-1].bias)
         self.click_prior = ClickPrior(pixel_dim) if click_prior else None
+        self.gesture_maps = GestureMaps(pixel_dim) if gesture_maps else None
 
     def forward(
         self,
@@ -154,6 +160,7 @@ class MaskDecoder3D(nn.Module):
         image_term: torch.Tensor,
         points_dhw: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
+        boxes_dhw: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -166,6 +173,7 @@ class MaskDecoder3D(nn.Module):
             points_dhw, point_labels: the clicks (P, N, 3) and their labels (P, N), for the click
                 prior (``click_prior.py``), which corrects the coarse logits before the fusion with
                 the image refines their edges.
+            boxes_dhw: (P, 6) boxes in window voxels, for the gesture maps (with the clicks).
 
         Returns:
             (B, P, D, H, W) mask logits.
@@ -187,6 +195,8 @@ class MaskDecoder3D(nn.Module):
         coarse = coarse.float()
         if self.click_prior is not None and points_dhw is not None:
             coarse = self.click_prior(pixel_features, coarse, points_dhw, point_labels)
+        if self.gesture_maps is not None and (points_dhw is not None or boxes_dhw is not None):
+            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw)
         return self._fuse_with_image(coarse, image_term.float())
 
     def _fuse_with_image(self, coarse: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,7 @@ class RefSAM3D(nn.Module):
             sparse = torch.cat([sparse, spatial], dim=1)
         return self.mask_decoder(
             features.embedding, self.pe.grid(grid), dense, sparse, features.pixel_features, features.image_term,
-            points_dhw, point_labels,
+            points_dhw, point_labels, boxes_dhw,
         )
 
     def forward(self, image: torch.Tensor, texts: list[str], **spatial) -> torch.Tensor:

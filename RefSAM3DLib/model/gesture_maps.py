@@ -1,0 +1,168 @@
+"""Gestures drawn as full-resolution maps and read voxel by voxel with the pixel features.
+
+Why: a box and the clicks reach the mask as sparse tokens (``prompt_encoder.py``), which act
+through the mask token and the 8-voxel token grid, and clicks also through the click prior's
+fixed-shape term (``click_prior.py``). Measured on refsam3d-small-v10: given the reference box
+and a click at its most interior voxel, the btcv_0024 gallbladder (2 ml between the liver and the
+portal vein) comes out as mostly portal vein, and a click at the centre of a kidney the text already
+covers grows it. Interactive 3D models that fix such cases (nnInteractive, SAM-Med3D, VISTA3D) see
+their gestures as dense maps at full resolution, next to the image.
+
+So, per prompt, the gesture is drawn on the window's voxels as channels::
+
+    box        +1 inside the box, -1 outside, 0 without a box
+    near+/-    exp(-d^2 / (2 * 2^2)), d = voxel distance to the nearest positive / negative click
+    far+/-     the same with sigma 6 voxels
+    like+/-    cosine similarity of the pixel features to those at the nearest positive / negative click
+
+and a pointwise MLP reads them with the shared pixel features and the prompt's current coarse
+logit (squashed, ``tanh(z / 4)``: text logits run from -70 to +10 and would swamp the maps), adding
+its output, in units of ``OUTPUT_SCALE`` logits, to that logit. The MLP's last layer starts at zero, so a model that gains
+this part answers exactly as before until it trains, and a prompt without a gesture gets no term
+(text-only answers never depend on it). The term is computed only on the crop of the window that
+the gesture reaches (the box grown by ``BOX_REACH_VOX``, each click within 3 far sigmas): a
+gesture costs a few crops, not the window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEAR_SIGMA_VOX = 2.0
+"""Gaussian reach of a click's near map, in model voxels (6 mm for ``small``)."""
+FAR_SIGMA_VOX = 6.0
+"""Gaussian reach of a click's far map (18 mm for ``small``); its term stops at 3 sigmas (1 %)."""
+BOX_REACH_VOX = 4
+"""How far beyond a box its term is computed (voxels): a box drawn a little tight still shapes its edge."""
+OUTPUT_SCALE = 8.0
+"""Logits per unit of the MLP's output. Its last layer starts at zero and Adam moves a weight by
+about lr per step; unscaled, 250 steps at lr 1e-3 moved the btcv_0024 gallbladder's logits by a
+fraction of one, where a corrective gesture must move them by tens."""
+MAP_CHANNELS = 7
+"""box, near+, near-, far+, far-, like+, like-."""
+
+
+class GestureMaps(nn.Module):
+    """Per-prompt logit corrections read from dense gesture maps.
+
+    Args:
+        pixel_dim: channels C_pix of the shared full-resolution pixel features.
+        hidden: width of the pointwise MLP.
+    """
+
+    def __init__(self, pixel_dim: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.head = nn.Sequential(
+            nn.Conv3d(pixel_dim + MAP_CHANNELS + 1, hidden, kernel_size=1), nn.GELU(),
+            nn.Conv3d(hidden, hidden, kernel_size=1), nn.GELU(),
+            nn.Conv3d(hidden, 1, kernel_size=1),
+        )
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, pixel_features: torch.Tensor, coarse: torch.Tensor, points_dhw: torch.Tensor | None,
+                point_labels: torch.Tensor | None, boxes_dhw: torch.Tensor | None) -> torch.Tensor:
+        """
+        Args:
+            pixel_features: (B, C_pix, D, H, W) shared pixel features of B windows.
+            coarse: (B, P, D, H, W) float32 coarse logits of the P prompts.
+            points_dhw: (P, N, 3) click voxels (d, h, w) in the window, or None.
+            point_labels: (P, N) 1 positive, 0 negative, -1 padding; None = all positive.
+            boxes_dhw: (P, 6) boxes (d0, h0, w0, d1, h1, w1) in window voxels, or None.
+
+        Returns:
+            (B, P, D, H, W) float32: ``coarse`` plus each gestured prompt's term on its crop.
+        """
+        with torch.autocast(pixel_features.device.type, enabled=False):
+            size = coarse.shape[2:]
+            corrected = list(coarse.unbind(dim=1))
+            for i in range(coarse.shape[1]):
+                clicks, labels = _prompt_clicks(points_dhw, point_labels, i)
+                box = None if boxes_dhw is None else boxes_dhw[i].float()
+                crop = _reach(clicks, box, size)
+                if crop is None:
+                    continue
+                region = (slice(None), slice(None)) + crop
+                features = pixel_features[region].float()
+                maps = draw_maps(features, clicks, labels, box, [s.start for s in crop])
+                answer = torch.tanh(corrected[i][:, None][region] / 4.0)
+                term = OUTPUT_SCALE * self.head(torch.cat([features, maps, answer], dim=1))[:, 0]
+                padding = [n for s, length in reversed(list(zip(crop, size))) for n in (s.start, length - s.stop)]
+                corrected[i] = corrected[i] + F.pad(term, padding)
+            return torch.stack(corrected, dim=1)
+
+
+def _prompt_clicks(points_dhw, point_labels, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ``i``'s real clicks ``(N, 3)`` float and labels ``(N,)`` (padding dropped)."""
+    if points_dhw is None:
+        return torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
+    labels = torch.ones(points_dhw.shape[1], dtype=torch.long, device=points_dhw.device) \
+        if point_labels is None else point_labels[i].long()
+    real = labels >= 0
+    return points_dhw[i][real].float(), labels[real]
+
+
+def _reach(clicks: torch.Tensor, box: torch.Tensor | None, size) -> tuple[slice, slice, slice] | None:
+    """The crop of the window that the gesture's term covers, or None without a gesture."""
+    lows, highs = [], []
+    if len(clicks):
+        reach = 3.0 * FAR_SIGMA_VOX
+        lows.append(clicks.min(dim=0).values.cpu() - reach)
+        highs.append(clicks.max(dim=0).values.cpu() + reach)
+    if box is not None:
+        lows.append(torch.minimum(box[:3], box[3:]).cpu() - BOX_REACH_VOX)
+        highs.append(torch.maximum(box[:3], box[3:]).cpu() + BOX_REACH_VOX)
+    if not lows:
+        return None
+    low = torch.stack(lows).min(dim=0).values.floor().long().tolist()
+    high = torch.stack(highs).max(dim=0).values.ceil().long().tolist()
+    return tuple(slice(max(a, 0), min(b + 1, s)) for a, b, s in zip(low, high, size))
+
+
+def draw_maps(features: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor, box: torch.Tensor | None,
+              origin: list[int]) -> torch.Tensor:
+    """The gesture's ``MAP_CHANNELS`` maps on a crop (module doc for their meaning).
+
+    Args:
+        features: (B, C_pix, d, h, w) pixel features of the crop.
+        clicks: (N, 3) click voxels in window coordinates; labels: (N,) 1 positive, 0 negative.
+        box: (6,) box corners in window voxels, or None.
+        origin: the crop's first voxel (d, h, w) in the window.
+
+    Returns:
+        (B, MAP_CHANNELS, d, h, w) float32.
+    """
+    batch, _, *shape = features.shape
+    device = features.device
+    axes = [torch.arange(n, dtype=torch.float32, device=device) + o for n, o in zip(shape, origin)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (d, h, w, 3)
+    maps = [torch.zeros(shape, device=device) if box is None else _box_map(grid, box.to(device))]
+    unit = features / features.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    near, far, like = [], [], []
+    for kind in (1, 0):
+        chosen = clicks[labels.to(clicks.device) == kind].to(device)
+        if not len(chosen):
+            near.append(torch.zeros(shape, device=device))
+            far.append(torch.zeros(shape, device=device))
+            like.append(torch.zeros((batch, *shape), device=device))
+            continue
+        squared = ((grid[..., None, :] - chosen) ** 2).sum(dim=-1)  # (d, h, w, N)
+        nearest_squared, nearest = squared.min(dim=-1)
+        near.append(torch.exp(-nearest_squared / (2 * NEAR_SIGMA_VOX ** 2)))
+        far.append(torch.exp(-nearest_squared / (2 * FAR_SIGMA_VOX ** 2)))
+        inside = (chosen.round().long() - torch.tensor(origin, device=device)).clamp(min=0)
+        inside = torch.minimum(inside, torch.tensor(shape, device=device) - 1)
+        at_clicks = unit[:, :, inside[:, 0], inside[:, 1], inside[:, 2]]  # (B, C, N)
+        # Each voxel compared with its nearest click of this kind.
+        like.append(torch.einsum("bcdhw,bcdhw->bdhw", unit, at_clicks[:, :, nearest]))
+    spatial = torch.stack(maps + near + far)[None].expand(batch, -1, -1, -1, -1)
+    return torch.cat([spatial, torch.stack(like, dim=1)], dim=1)
+
+
+def _box_map(grid: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """+1 on voxels inside ``box`` (d0, h0, w0, d1, h1, w1), -1 outside: (d, h, w)."""
+    low, high = torch.minimum(box[:3], box[3:]), torch.maximum(box[:3], box[3:])
+    inside = ((grid >= low) & (grid <= high)).all(dim=-1)
+    return inside.float() * 2.0 - 1.0

@@ -1,0 +1,89 @@
+"""Gestures drawn as maps (model/gesture_maps.py): what each map says, the term stays on the crop
+the gesture reaches, padding and prompts without a gesture get none, gradients reach the MLP, and a
+model that gains the part answers exactly as before until it trains."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from RefSAM3DLib import checkpoint
+from RefSAM3DLib.model import MODEL_CONFIGS, build_model
+from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, GestureMaps, draw_maps
+
+torch.set_num_threads(1)
+SIZE = 40
+
+
+def test_the_maps_mark_the_box_the_clicks_and_the_tissue_that_looks_like_the_clicked_voxel():
+    features = torch.zeros(1, 2, SIZE, SIZE, SIZE)
+    features[:, 0, :, :, :20] = 1.0  # tissue A where w < 20, tissue B (orthogonal) elsewhere
+    features[:, 1, :, :, 20:] = 1.0
+    clicks = torch.tensor([[10.0, 10.0, 5.0], [30.0, 30.0, 30.0]])
+    box = torch.tensor([15.0, 15.0, 12.0, 5.0, 5.0, 2.0])  # corners in any order
+    maps = draw_maps(features, clicks, torch.tensor([1, 0]), box, [0, 0, 0])[0]
+    assert maps.shape == (7, SIZE, SIZE, SIZE)
+    box_map, near_pos, near_neg, far_pos, far_neg, like_pos, like_neg = maps
+    assert box_map[10, 10, 10] == 1 and box_map[10, 10, 13] == -1 and box_map[16, 10, 10] == -1
+    assert near_pos[10, 10, 5] == 1 and near_neg[30, 30, 30] == 1 and near_pos[30, 30, 30] < 1e-6
+    assert far_pos[10, 10, 11] > near_pos[10, 10, 11] > 0  # the far map reaches further
+    assert like_pos[0, 0, 0] == 1 and like_pos[0, 0, 25] == 0  # A like the positive click, B not
+    assert like_neg[39, 39, 39] == 1 and like_neg[39, 39, 0] == 0
+    # Offset crops draw the same maps (window coordinates throughout).
+    crop = draw_maps(features[..., 8:, 4:, 2:], clicks, torch.tensor([1, 0]), box, [8, 4, 2])[0]
+    assert torch.allclose(crop, maps[:, 8:, 4:, 2:])
+
+
+def trained_head() -> GestureMaps:
+    torch.manual_seed(0)
+    head = GestureMaps(4)
+    torch.nn.init.normal_(head.head[-1].weight)
+    torch.nn.init.constant_(head.head[-1].bias, 0.5)
+    return head
+
+
+def test_the_term_stays_on_the_crop_the_gesture_reaches_and_skips_prompts_without_one():
+    head = trained_head()
+    features, coarse = torch.randn(1, 4, SIZE, SIZE, SIZE), torch.randn(1, 3, SIZE, SIZE, SIZE)
+    points = torch.tensor([[[8.0, 8.0, 8.0]], [[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[1], [-1], [-1]])  # prompt 0 clicked; 1 and 2 padding only
+    boxes = torch.tensor([[30.0, 30.0, 30.0, 34.0, 34.0, 34.0]] * 3)
+    with torch.no_grad():
+        changed = (head(features, coarse, points, labels, boxes) - coarse).abs() > 0
+        clicks_only = (head(features, coarse, points, labels, None) - coarse).abs() > 0
+    reach = int(3 * FAR_SIGMA_VOX)
+    assert clicks_only[0, 0, 8, 8, 8] and clicks_only[0, 0, 8 + reach + 1:].sum() == 0
+    assert not clicks_only[0, 1:].any()  # padding alone is no gesture
+    assert changed[0, 1, 30, 30, 30] and changed[0, 1, 34 + BOX_REACH_VOX, 34, 34]
+    assert changed[0, 1, :30 - BOX_REACH_VOX].sum() == 0  # the box's term ends at its reach
+    assert torch.equal(changed[0, 1], changed[0, 2])
+
+
+def test_gradients_reach_every_weight_of_the_mlp():
+    head = trained_head()
+    features = torch.randn(1, 4, SIZE, SIZE, SIZE)
+    out = head(features, torch.zeros(1, 1, SIZE, SIZE, SIZE), torch.tensor([[[20.0, 20.0, 20.0]]]),
+               torch.tensor([[1]]), torch.tensor([[10.0, 10.0, 10.0, 30.0, 30.0, 30.0]]))
+    out.sum().backward()
+    for name, parameter in head.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_a_model_gaining_the_gesture_maps_answers_exactly_as_before_until_it_trains():
+    torch.manual_seed(0)
+    older = build_model(dataclasses.replace(MODEL_CONFIGS["small"], gesture_maps=False)).eval()
+    grown = checkpoint.upgrade(older, MODEL_CONFIGS["small"]).eval()
+    assert older.mask_decoder.gesture_maps is None and isinstance(grown.mask_decoder.gesture_maps, GestureMaps)
+    assert all(n.startswith("mask_decoder.gesture_maps.head.") for n in
+               set(grown.trainable_state_dict()) - set(older.trainable_state_dict()))
+    size = MODEL_CONFIGS["small"].window_size_vox
+    image = torch.rand(1, 1, size, size, size)
+    gesture = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]),
+                   boxes_dhw=torch.tensor([[30.0, 30.0, 30.0, 50.0, 50.0, 50.0]]))
+    with torch.no_grad():
+        assert torch.equal(older(image, ["liver"]), grown(image, ["liver"]))
+        assert torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
+        torch.nn.init.normal_(grown.mask_decoder.gesture_maps.head[-1].weight)
+        assert torch.equal(older(image, ["liver"]), grown(image, ["liver"]))  # text never reaches it
+        assert not torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
