@@ -282,3 +282,28 @@ def _terminology_problem(terminologies_logic, entry: str) -> str:
         if same(modifier, wanted_modifier):
             return ""
     return f"modifier {wanted_modifier.GetCodeMeaning()} of {wanted_type.GetCodeMeaning()} not in '{context}'"
+
+
+@pytest.fixture
+def model_gaining():
+    """``model_gaining(part)`` -> (a ``small`` model without ``part``, that model grown by
+    ``checkpoint.upgrade`` to the full ``small`` config), both in eval mode, seeded."""
+    import dataclasses
+
+    import torch
+
+    from RefSAM3DLib import checkpoint
+    from RefSAM3DLib.model import MODEL_CONFIGS, build_model
+
+    def build(part: str):
+        torch.manual_seed(0)
+        older = build_model(dataclasses.replace(MODEL_CONFIGS["small"], **{part: False})).eval()
+        return older, checkpoint.upgrade(older, MODEL_CONFIGS["small"]).eval()
+
+    return build
+
+
+def assert_every_parameter_learns(module) -> None:
+    """After a backward pass: every parameter of ``module`` has a non-zero gradient."""
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

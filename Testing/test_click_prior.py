@@ -4,12 +4,10 @@ text-only answers."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
+from conftest import assert_every_parameter_learns
 
-from RefSAM3DLib import checkpoint
-from RefSAM3DLib.model import MODEL_CONFIGS, build_model
+from RefSAM3DLib.model import MODEL_CONFIGS
 from RefSAM3DLib.model.click_prior import ClickPrior
 
 torch.set_num_threads(1)
@@ -68,14 +66,11 @@ def test_every_parameter_of_the_prior_learns_from_a_click():
     features = two_tissues() + 0.3 * torch.rand(1, 4, SIZE, SIZE, SIZE)
     points = torch.tensor([[CLICK, (4, 20, 18)]], dtype=torch.float32)
     prior(features, torch.zeros(1, 1, SIZE, SIZE, SIZE), points, torch.tensor([[1, 0]])).sum().backward()
-    for name, parameter in prior.named_parameters():
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert_every_parameter_learns(prior)
 
 
-def test_a_model_gaining_the_click_prior_keeps_its_text_answers_and_changes_its_clicked_ones():
-    torch.manual_seed(0)
-    older = build_model(dataclasses.replace(MODEL_CONFIGS["small"], click_prior=False)).eval()
-    grown = checkpoint.upgrade(older, MODEL_CONFIGS["small"]).eval()
+def test_a_model_gaining_the_click_prior_keeps_its_text_answers_and_changes_its_clicked_ones(model_gaining):
+    older, grown = model_gaining("click_prior")
     assert older.mask_decoder.click_prior is None and isinstance(grown.mask_decoder.click_prior, ClickPrior)
     assert {n for n in grown.trainable_state_dict() if ".click_prior." in n} == {
         f"mask_decoder.click_prior.{n}" for n in ("projection.weight", "margin", "log_sigma_vox", "floor")}

@@ -4,12 +4,10 @@ model that gains the part answers exactly as before until it trains."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
+from conftest import assert_every_parameter_learns
 
-from RefSAM3DLib import checkpoint
-from RefSAM3DLib.model import MODEL_CONFIGS, build_model
+from RefSAM3DLib.model import MODEL_CONFIGS
 from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, GestureMaps, draw_maps
 
 torch.set_num_threads(1)
@@ -66,14 +64,11 @@ def test_gradients_reach_every_weight_of_the_mlp():
     out = head(features, torch.zeros(1, 1, SIZE, SIZE, SIZE), torch.tensor([[[20.0, 20.0, 20.0]]]),
                torch.tensor([[1]]), torch.tensor([[10.0, 10.0, 10.0, 30.0, 30.0, 30.0]]))
     out.sum().backward()
-    for name, parameter in head.named_parameters():
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert_every_parameter_learns(head)
 
 
-def test_a_model_gaining_the_gesture_maps_answers_exactly_as_before_until_it_trains():
-    torch.manual_seed(0)
-    older = build_model(dataclasses.replace(MODEL_CONFIGS["small"], gesture_maps=False)).eval()
-    grown = checkpoint.upgrade(older, MODEL_CONFIGS["small"]).eval()
+def test_a_model_gaining_the_gesture_maps_answers_exactly_as_before_until_it_trains(model_gaining):
+    older, grown = model_gaining("gesture_maps")
     assert older.mask_decoder.gesture_maps is None and isinstance(grown.mask_decoder.gesture_maps, GestureMaps)
     assert all(n.startswith("mask_decoder.gesture_maps.head.") for n in
                set(grown.trainable_state_dict()) - set(older.trainable_state_dict()))
