@@ -83,8 +83,8 @@ def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
     """``model`` rebuilt as ``config`` where they differ only by parts of ``ADDABLE_PARTS`` turned
     on: the weights carried over, the new parts at their initial values. ``token_logits`` starts at
     zero (every output unchanged); ``click_prior`` acts only on clicks (text-only outputs
-    unchanged); ``gesture_maps`` starts at zero. Any other pair: ``model`` as it is (callers compare model spaces and refuse what
-    does not fit).
+    unchanged); ``gesture_maps`` starts at zero (every output unchanged). Any other pair: ``model``
+    as it is (callers compare model spaces and refuse what does not fit).
 
     Lets a run ``--init`` from a model made before the part existed (refsam3d-small-v6 had no token
     logits, v9 no click prior).

@@ -16,11 +16,11 @@ So, per prompt, the gesture is drawn on the window's voxels as channels::
     like+/-    cosine similarity of the pixel features to those at the nearest positive / negative click
 
 and a pointwise MLP reads them with the shared pixel features and the prompt's current coarse
-logit (squashed, ``tanh(z / 4)``: text logits run from -70 to +10 and would swamp the maps), adding
-its output, in units of ``OUTPUT_SCALE`` logits, to that logit. The MLP's last layer starts at zero, so a model that gains
-this part answers exactly as before until it trains, and a prompt without a gesture gets no term
-(text-only answers never depend on it). The term is computed only on the crop of the window that
-the gesture reaches (the box grown by ``BOX_REACH_VOX``, each click within 3 far sigmas): a
+logit (squashed, ``tanh(z / LOGIT_SQUASH)``: text logits run from -70 to +10 and would swamp the
+maps), adding its output, in units of ``OUTPUT_SCALE`` logits, to that logit. The MLP's last layer
+starts at zero, so a model that gains this part answers exactly as before until it trains, and a
+prompt without a gesture gets no term (text-only answers never depend on it). The term is computed
+only on the crop of the window that the gesture reaches (the box grown by ``BOX_REACH_VOX``, each click within 3 far sigmas): a
 gesture costs a few crops, not the window.
 """
 
@@ -40,6 +40,8 @@ OUTPUT_SCALE = 8.0
 """Logits per unit of the MLP's output. Its last layer starts at zero and Adam moves a weight by
 about lr per step; unscaled, 250 steps at lr 1e-3 moved the btcv_0024 gallbladder's logits by a
 fraction of one, where a corrective gesture must move them by tens."""
+LOGIT_SQUASH = 4.0
+"""The current logit enters the MLP as ``tanh(z / LOGIT_SQUASH)``: a clear yes or no saturates."""
 MAP_CHANNELS = 7
 """box, near+, near-, far+, far-, like+, like-."""
 
@@ -87,7 +89,7 @@ class GestureMaps(nn.Module):
                 region = (slice(None), slice(None)) + crop
                 features = pixel_features[region].float()
                 maps = draw_maps(features, clicks, labels, box, [s.start for s in crop])
-                answer = torch.tanh(corrected[i][:, None][region] / 4.0)
+                answer = torch.tanh(corrected[i][:, None][region] / LOGIT_SQUASH)
                 term = OUTPUT_SCALE * self.head(torch.cat([features, maps, answer], dim=1))[:, 0]
                 padding = [n for s, length in reversed(list(zip(crop, size))) for n in (s.start, length - s.stop)]
                 corrected[i] = corrected[i] + F.pad(term, padding)
