@@ -20,8 +20,8 @@ logit (squashed, ``tanh(z / LOGIT_SQUASH)``: text logits run from -70 to +10 and
 maps), adding its output, in units of ``OUTPUT_SCALE`` logits, to that logit. The MLP's last layer
 starts at zero, so a model that gains this part answers exactly as before until it trains, and a
 prompt without a gesture gets no term (text-only answers never depend on it). The term is computed
-only on the crop of the window that the gesture reaches (the box grown by ``BOX_REACH_VOX``, each click within 3 far sigmas): a
-gesture costs a few crops, not the window.
+only on the crop of the window that the gesture reaches (the box grown by ``BOX_REACH_VOX``, each
+click within 3 far sigmas): a gesture costs a few crops, not the window.
 """
 
 from __future__ import annotations
