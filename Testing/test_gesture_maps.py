@@ -1,6 +1,7 @@
 """Gestures drawn as maps (model/gesture_maps.py): what each map says, the term stays on the crop
-the gesture reaches, padding and prompts without a gesture get none, gradients reach the MLP, and a
-model that gains the part answers exactly as before until it trains."""
+the gesture reaches, padding and prompts without a gesture get none, gradients reach the MLP, its
+text biases tell prompts with text from those without, and a model that gains the part (or its
+text biases) answers exactly as before until it trains."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from conftest import assert_every_parameter_learns
 
 from RefSAM3DLib.model import MODEL_CONFIGS
 from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, GestureMaps, draw_maps
+from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
 
 torch.set_num_threads(1)
 SIZE = 40
@@ -35,7 +37,9 @@ def test_the_maps_mark_the_box_the_clicks_and_the_tissue_that_looks_like_the_cli
 
 def trained_head() -> GestureMaps:
     torch.manual_seed(0)
-    head = GestureMaps(4)
+    head = GestureMaps(4, text_biases=True)
+    torch.nn.init.normal_(head.text_first_bias)
+    torch.nn.init.normal_(head.text_last_bias)
     torch.nn.init.normal_(head.head[-1].weight)
     torch.nn.init.constant_(head.head[-1].bias, 0.5)
     return head
@@ -67,10 +71,24 @@ def test_gradients_reach_every_weight_of_the_mlp():
     assert_every_parameter_learns(head)
 
 
+def test_the_text_biases_change_the_term_of_prompts_with_text_only():
+    head = trained_head()
+    features, coarse = torch.randn(1, 4, SIZE, SIZE, SIZE), torch.randn(1, 2, SIZE, SIZE, SIZE)
+    points, labels = torch.tensor([[[20.0, 20.0, 20.0]]] * 2), torch.tensor([[1], [1]])
+    with torch.no_grad():
+        mixed = head(features, coarse, points, labels, None, has_text=torch.tensor([True, False]))
+        all_text = head(features, coarse, points, labels, None)  # None: every prompt has text
+        head.text_first_bias.zero_()
+        head.text_last_bias.zero_()
+        ignored = head(features, coarse, points, labels, None, has_text=torch.tensor([True, False]))
+    assert torch.equal(mixed[:, 0], all_text[:, 0]) and not torch.equal(mixed[:, 1], all_text[:, 1])
+    assert torch.equal(mixed[:, 1], ignored[:, 1]) and not torch.equal(mixed[:, 0], ignored[:, 0])
+
+
 def test_a_model_gaining_the_gesture_maps_answers_exactly_as_before_until_it_trains(model_gaining):
     older, grown = model_gaining("gesture_maps")
     assert older.mask_decoder.gesture_maps is None and isinstance(grown.mask_decoder.gesture_maps, GestureMaps)
-    assert all(n.startswith("mask_decoder.gesture_maps.head.") for n in
+    assert all(n.startswith("mask_decoder.gesture_maps.") for n in
                set(grown.trainable_state_dict()) - set(older.trainable_state_dict()))
     size = MODEL_CONFIGS["small"].window_size_vox
     image = torch.rand(1, 1, size, size, size)
@@ -82,3 +100,21 @@ def test_a_model_gaining_the_gesture_maps_answers_exactly_as_before_until_it_tra
         torch.nn.init.normal_(grown.mask_decoder.gesture_maps.head[-1].weight)
         assert torch.equal(older(image, ["liver"]), grown(image, ["liver"]))  # text never reaches it
         assert not torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
+
+
+def test_a_model_gaining_the_text_biases_answers_exactly_as_before_until_it_trains(model_gaining):
+    older, grown = model_gaining("gesture_text_biases")
+    assert older.mask_decoder.gesture_maps.text_first_bias is None
+    assert set(grown.trainable_state_dict()) - set(older.trainable_state_dict()) == {
+        "mask_decoder.gesture_maps.text_first_bias", "mask_decoder.gesture_maps.text_last_bias"}
+    torch.nn.init.normal_(older.mask_decoder.gesture_maps.head[-1].weight)  # a trained MLP, in both
+    grown.mask_decoder.gesture_maps.head.load_state_dict(older.mask_decoder.gesture_maps.head.state_dict())
+    size = MODEL_CONFIGS["small"].window_size_vox
+    image = torch.rand(1, 1, size, size, size)
+    gesture = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]))
+    with torch.no_grad():
+        for prompt in ("liver", NO_TEXT_PROMPT):
+            assert torch.equal(older(image, [prompt], **gesture), grown(image, [prompt], **gesture))
+        torch.nn.init.normal_(grown.mask_decoder.gesture_maps.text_last_bias)
+        assert not torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
+        assert torch.equal(older(image, [NO_TEXT_PROMPT], **gesture), grown(image, [NO_TEXT_PROMPT], **gesture))

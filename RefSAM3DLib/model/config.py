@@ -83,6 +83,9 @@ class ModelConfig:
             adds it (text-only outputs unchanged; answers to clicks gain its untrained term).
         gesture_maps: boxes and clicks also act as full-resolution maps (``gesture_maps.GestureMaps``).
             False in checkpoints made before it existed; ``checkpoint.upgrade`` adds it at zero.
+        gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text (a
+            gesture corrects a text answer, or draws the structure alone). False in checkpoints
+            made before it existed; ``checkpoint.upgrade`` adds them at zero.
     """
 
     name: str
@@ -114,6 +117,7 @@ class ModelConfig:
     token_logits: bool = False
     click_prior: bool = False
     gesture_maps: bool = False
+    gesture_text_biases: bool = False
 
     @property
     def grid_tok(self) -> int:
@@ -264,6 +268,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         token_logits=True,
         click_prior=True,
         gesture_maps=True,
+        gesture_text_biases=True,
     ),
     "vit_b": ModelConfig(
         name="vit_b",
@@ -293,6 +298,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         token_logits=True,
         click_prior=True,
         gesture_maps=True,
+        gesture_text_biases=True,
     ),
 }
 

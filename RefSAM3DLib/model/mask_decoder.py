@@ -132,10 +132,12 @@ class MaskDecoder3D(nn.Module):
         token_logits: add the per-prompt logit of the updated image tokens (see the module doc).
         click_prior: correct the coarse logits at and around clicks (``click_prior.ClickPrior``).
         gesture_maps: correct them from the gestures drawn as maps (``gesture_maps.GestureMaps``).
+        gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int,
-                 token_logits: bool = False, click_prior: bool = False, gesture_maps: bool = False) -> None:
+                 token_logits: bool = False, click_prior: bool = False, gesture_maps: bool = False,
+                 gesture_text_biases: bool = False) -> None:
         super().__init__()
         self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
         self.mask_token = nn.Embedding(1, dim)
@@ -148,7 +150,7 @@ class MaskDecoder3D(nn.Module):
             nn.init.zeros_(self.token_hypernetwork.layers[-1].weight)
             nn.init.zeros_(self.token_hypernetwork.layers[-1].bias)
         self.click_prior = ClickPrior(pixel_dim) if click_prior else None
-        self.gesture_maps = GestureMaps(pixel_dim) if gesture_maps else None
+        self.gesture_maps = GestureMaps(pixel_dim, text_biases=gesture_text_biases) if gesture_maps else None
 
     def forward(
         self,
@@ -161,6 +163,7 @@ class MaskDecoder3D(nn.Module):
         points_dhw: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes_dhw: torch.Tensor | None = None,
+        has_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -174,6 +177,7 @@ class MaskDecoder3D(nn.Module):
                 prior (``click_prior.py``), which corrects the coarse logits before the fusion with
                 the image refines their edges.
             boxes_dhw: (P, 6) boxes in window voxels, for the gesture maps (with the clicks).
+            has_text: (P,) bool, whether each prompt has text (the gesture maps read it); None = all.
 
         Returns:
             (B, P, D, H, W) mask logits.
@@ -196,7 +200,7 @@ class MaskDecoder3D(nn.Module):
         if self.click_prior is not None and points_dhw is not None:
             coarse = self.click_prior(pixel_features, coarse, points_dhw, point_labels)
         if self.gesture_maps is not None and (points_dhw is not None or boxes_dhw is not None):
-            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw)
+            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw, has_text)
         return self._fuse_with_image(coarse, image_term.float())
 
     def _fuse_with_image(self, coarse: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:

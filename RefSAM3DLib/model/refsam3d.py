@@ -25,7 +25,7 @@ from ..errors import RefSAM3DError
 from .config import ModelConfig
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D, PixelDecoder
-from .prompt_encoder import PositionEmbeddingRandom3D, SpatialPromptEncoder
+from .prompt_encoder import NO_TEXT_PROMPT, PositionEmbeddingRandom3D, SpatialPromptEncoder
 from .prompt_fusion import CrossModalProjector, HierarchicalCrossAttention
 from .text_encoder import TextEncoder
 
@@ -168,9 +168,10 @@ class RefSAM3D(nn.Module):
         spatial = self.spatial_prompts(tuple(image.shape[2:]), points_dhw, point_labels, boxes_dhw)
         if spatial is not None:
             sparse = torch.cat([sparse, spatial], dim=1)
+        has_text = torch.tensor([text != NO_TEXT_PROMPT for text in prompts.texts], device=sparse.device)
         return self.mask_decoder(
             features.embedding, self.pe.grid(grid), dense, sparse, features.pixel_features, features.image_term,
-            points_dhw, point_labels, boxes_dhw,
+            points_dhw, point_labels, boxes_dhw, has_text,
         )
 
     def forward(self, image: torch.Tensor, texts: list[str], **spatial) -> torch.Tensor:
