@@ -1,7 +1,7 @@
 """Copy a trained checkpoint into the package as a named, versioned bundled model.
 
-    python scripts/bundle_model.py runs/small-v19/checkpoint RefSAM3DLib/models/refsam3d-small-v11 \
-        --name refsam3d-small-v11 --version 11.0 --evaluation eval-btcv/report.csv eval-chaos/report.csv
+    python scripts/bundle_model.py runs/small-v20/checkpoint RefSAM3DLib/models/refsam3d-small-v12 \
+        --name refsam3d-small-v12 --version 12.0 --evaluation eval-btcv/report.csv eval-chaos/report.csv
 
 The weights are copied byte for byte (their SHA-256 in config.json stays valid); the metadata gains
 the model's name and version, which every output then carries, and ``held_out_dice``
