@@ -88,7 +88,7 @@ def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
     Any other pair: ``model`` as it is (callers compare model spaces and refuse what does not fit).
 
     Lets a run ``--init`` from a model made before the part existed (refsam3d-small-v6 had no token
-    logits, v9 no click prior, v11 no text input to its gesture maps).
+    logits, v9 no click prior, v11 no text biases in its gesture maps).
     """
     added = [name for name in ADDABLE_PARTS if getattr(config, name) and not getattr(model.config, name)]
     if not added or dataclasses.replace(model.config, **{name: True for name in added}) != config:
