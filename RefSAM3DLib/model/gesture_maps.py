@@ -31,6 +31,8 @@ click within 3 far sigmas): a gesture costs a few crops, not the window.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,7 +78,7 @@ class GestureMaps(nn.Module):
 
     def forward(self, pixel_features: torch.Tensor, coarse: torch.Tensor, points_dhw: torch.Tensor | None,
                 point_labels: torch.Tensor | None, boxes_dhw: torch.Tensor | None,
-                has_text: torch.Tensor | None = None) -> torch.Tensor:
+                has_text: Sequence[bool] | None = None) -> torch.Tensor:
         """
         Args:
             pixel_features: (B, C_pix, D, H, W) shared pixel features of B windows.
@@ -84,7 +86,7 @@ class GestureMaps(nn.Module):
             points_dhw: (P, N, 3) click voxels (d, h, w) in the window, or None.
             point_labels: (P, N) 1 positive, 0 negative, -1 padding; None = all positive.
             boxes_dhw: (P, 6) boxes (d0, h0, w0, d1, h1, w1) in window voxels, or None.
-            has_text: (P,) bool, whether each prompt has text; None = all have.
+            has_text: P bools, whether each prompt has text; None = all have.
 
         Returns:
             (B, P, D, H, W) float32: ``coarse`` plus each gestured prompt's term on its crop.

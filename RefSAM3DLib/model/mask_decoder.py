@@ -43,6 +43,8 @@ the updated tokens reach the mask only at token resolution, through ``token_logi
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -163,7 +165,7 @@ class MaskDecoder3D(nn.Module):
         points_dhw: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes_dhw: torch.Tensor | None = None,
-        has_text: torch.Tensor | None = None,
+        has_text: Sequence[bool] | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -177,7 +179,7 @@ class MaskDecoder3D(nn.Module):
                 prior (``click_prior.py``), which corrects the coarse logits before the fusion with
                 the image refines their edges.
             boxes_dhw: (P, 6) boxes in window voxels, for the gesture maps (with the clicks).
-            has_text: (P,) bool, whether each prompt has text (the gesture maps read it); None = all.
+            has_text: P bools, whether each prompt has text (the gesture maps read it); None = all.
 
         Returns:
             (B, P, D, H, W) mask logits.

@@ -168,7 +168,7 @@ class RefSAM3D(nn.Module):
         spatial = self.spatial_prompts(tuple(image.shape[2:]), points_dhw, point_labels, boxes_dhw)
         if spatial is not None:
             sparse = torch.cat([sparse, spatial], dim=1)
-        has_text = torch.tensor([text != NO_TEXT_PROMPT for text in prompts.texts], device=sparse.device)
+        has_text = [text != NO_TEXT_PROMPT for text in prompts.texts]
         return self.mask_decoder(
             features.embedding, self.pe.grid(grid), dense, sparse, features.pixel_features, features.image_term,
             points_dhw, point_labels, boxes_dhw, has_text,
