@@ -85,29 +85,6 @@ def test_the_text_biases_change_the_term_of_prompts_with_text_only():
     assert torch.equal(mixed[:, 1], ignored[:, 1]) and not torch.equal(mixed[:, 0], ignored[:, 0])
 
 
-def test_training_noise_perturbs_text_answers_on_the_crop_only_while_training():
-    head = trained_head()
-    features, coarse = torch.randn(1, 4, SIZE, SIZE, SIZE), torch.randn(1, 2, SIZE, SIZE, SIZE)
-    points, labels = torch.tensor([[[8.0, 8.0, 8.0]]] * 2), torch.tensor([[1], [1]])
-    has_text = [True, False]
-    with torch.no_grad():
-        head.eval()
-        clean = head(features, coarse, points, labels, None, has_text=has_text)
-        head.answer_noise = 4.0
-        assert torch.equal(head(features, coarse, points, labels, None, has_text=has_text), clean)
-        head.train()
-        noisy = [head(features, coarse, points, labels, None, has_text=has_text) for _ in range(2)]
-    reach = int(3 * FAR_SIGMA_VOX)
-    for answer in noisy:
-        assert not torch.allclose(answer[:, 0], clean[:, 0])  # the text prompt's answer is perturbed ...
-        assert torch.equal(answer[:, 0, 8 + reach + 1:], coarse[:, 0, 8 + reach + 1:])  # ... on the crop only
-        assert torch.equal(answer[:, 1], clean[:, 1])  # a prompt without text is drawn from the gestures
-    assert not torch.allclose(noisy[0][:, 0], noisy[1][:, 0])  # fresh noise each time
-    head.answer_noise = 0.0
-    with torch.no_grad():
-        assert torch.equal(head(features, coarse, points, labels, None, has_text=has_text), clean)
-
-
 def test_a_model_gaining_the_gesture_maps_answers_exactly_as_before_until_it_trains(model_gaining):
     older, grown = model_gaining("gesture_maps")
     assert older.mask_decoder.gesture_maps is None and isinstance(grown.mask_decoder.gesture_maps, GestureMaps)

@@ -93,7 +93,7 @@ def test_round_zero_of_a_gesture_step_is_the_text_only_step(untrained_small_toy)
     texts = [["liver", "spleen"], ["spleen"]]
     targets = [torch.stack([cube((32,) * 3), torch.zeros((32,) * 3, dtype=torch.bool)]), cube((32,) * 3)[None]]
     settings = {"rounds": 2, "box_prob": 0.5, "box_jitter": 0.1, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 0.0, "inside_click_prob": 0.0, "answer_noise": 0.0}
+                "no_text_prob": 0.0, "inside_click_prob": 0.0}
     with torch.no_grad():
         text_only = MultiPromptStep(model)(image, texts)
         with_gestures = GestureStep(model, settings)(image, texts, targets)
@@ -114,7 +114,7 @@ def test_gesture_rounds_without_text_start_from_an_empty_mask(untrained_small_to
     monkeypatch.setattr(model, "decode", recording)
     target = cube((32,) * 3)
     settings = {"rounds": 2, "box_prob": 0.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 1.0, "inside_click_prob": 0.0, "answer_noise": 0.0}
+                "no_text_prob": 1.0, "inside_click_prob": 0.0}
     with torch.no_grad():
         pairs = GestureStep(model, settings)(torch.rand(1, 1, 32, 32, 32), [["liver"]], [target[None]])[0]
     assert len(pairs) == 3
@@ -142,23 +142,10 @@ def untrained_small_toy():
     ({"enabled": "yes"}, "interactive.enabled must be true or false"),
     ({"box_prob": 1.5}, r"interactive.box_prob must be a number in 0.0..1.0"),
     ({"clicks": 3}, r"unknown keys \['clicks'\] in section 'interactive'"),
-    ({"answer_noise": -1.0}, r"interactive.answer_noise must be a number in 0.0..20.0"),
 ])
 def test_interactive_settings_are_validated(section, message):
     with pytest.raises(RefSAM3DError, match=message):
         load_config({"datasets": [{"name": "x"}], "interactive": section})
-
-
-def test_answer_noise_reaches_the_gesture_maps_and_is_refused_without_them(untrained_small_toy, monkeypatch):
-    settings = {"rounds": 1, "box_prob": 0.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 0.0, "inside_click_prob": 0.0, "answer_noise": 3.0}
-    decoder = untrained_small_toy.mask_decoder  # shared by this module's tests: monkeypatch restores it
-    monkeypatch.setattr(decoder.gesture_maps, "answer_noise", 0.0)
-    GestureStep(untrained_small_toy, settings)
-    assert decoder.gesture_maps.answer_noise == 3.0
-    monkeypatch.setattr(decoder, "gesture_maps", None)
-    with pytest.raises(RefSAM3DError, match="answer_noise perturbs what the gesture maps read, but this model has none"):
-        GestureStep(untrained_small_toy, settings)
 
 
 def _gesture_config(samples_dir, output):

@@ -51,9 +51,6 @@ LOGIT_SQUASH = 4.0
 """The current logit enters the MLP as ``tanh(z / LOGIT_SQUASH)``: a clear yes or no saturates."""
 MAP_CHANNELS = 7
 """box, near+, near-, far+, far-, like+, like-."""
-NOISE_GRID = 3
-"""Training's answer noise (``GestureMaps.answer_noise``) varies over a crop on a grid of this many
-points per axis: a whole answer too eager or too shy, or one part of it."""
 
 
 class GestureMaps(nn.Module):
@@ -78,13 +75,6 @@ class GestureMaps(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
         self.text_first_bias = nn.Parameter(torch.zeros(hidden)) if text_biases else None
         self.text_last_bias = nn.Parameter(torch.zeros(1)) if text_biases else None
-        self.answer_noise = 0.0
-        """Training only (set by the training step, like dropout's rate): the standard deviation, in
-        logits, of a smooth random field added to a text prompt's answer on the gesture's crop
-        before the MLP reads and corrects it. Why: the gestures train on the patients the text
-        model trained on, where its answers are nearly right, so the MLP learns to trust them;
-        on new patients they are not (refsam3d-small-v12: held-out stomachs and pancreases at
-        0.8 and 0.7 of their volume, kidneys right), and a box and a click grew the kidneys."""
 
     def forward(self, pixel_features: torch.Tensor, coarse: torch.Tensor, points_dhw: torch.Tensor | None,
                 point_labels: torch.Tensor | None, boxes_dhw: torch.Tensor | None,
@@ -113,29 +103,18 @@ class GestureMaps(nn.Module):
                 region = (slice(None), slice(None)) + crop
                 features = pixel_features[region].float()
                 maps = draw_maps(features, clicks, labels, box, [s.start for s in crop])
-                answer = corrected[i][:, None][region]
-                text = has_text is None or bool(has_text[i])
-                noise = 0.0
-                if self.training and self.answer_noise > 0 and text:
-                    noise = smooth_noise(answer.shape[2:], self.answer_noise, answer.device)
-                hidden = self.head[0](torch.cat([features, maps, torch.tanh((answer + noise) / LOGIT_SQUASH)], dim=1))
-                with_text = self.text_first_bias is not None and text
+                answer = torch.tanh(corrected[i][:, None][region] / LOGIT_SQUASH)
+                hidden = self.head[0](torch.cat([features, maps, answer], dim=1))
+                with_text = self.text_first_bias is not None and (has_text is None or bool(has_text[i]))
                 if with_text:
                     hidden = hidden + self.text_first_bias.view(1, -1, 1, 1, 1)
                 term = self.head[1:](hidden)[:, 0]
                 if with_text:
                     term = term + self.text_last_bias
-                term = OUTPUT_SCALE * term + (noise[:, 0] if torch.is_tensor(noise) else 0.0)
+                term = OUTPUT_SCALE * term
                 padding = [n for s, length in reversed(list(zip(crop, size))) for n in (s.start, length - s.stop)]
                 corrected[i] = corrected[i] + F.pad(term, padding)
             return torch.stack(corrected, dim=1)
-
-
-def smooth_noise(shape, std: float, device) -> torch.Tensor:
-    """(1, 1, *shape) random logits that vary smoothly: ``NOISE_GRID``^3 draws of N(0, std^2),
-    trilinearly spread over the crop."""
-    grid = torch.randn(1, 1, NOISE_GRID, NOISE_GRID, NOISE_GRID, device=device) * std
-    return F.interpolate(grid, size=tuple(shape), mode="trilinear", align_corners=True)
 
 
 def _prompt_clicks(points_dhw, point_labels, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,16 +66,12 @@ TRAINING_DEFAULTS = {
         # Fraction of windows whose first click is a positive click anywhere inside the structure
         # (a user's first click) instead of on the text answer's error.
         "inside_click_prob": 0.0,
-        # Standard deviation (logits) of the smooth noise added to text answers before the gesture
-        # maps correct them (model/gesture_maps.py, ``GestureMaps.answer_noise``): answers as
-        # wrong as on patients the text model never saw.
-        "answer_noise": 0.0,
     },
 }
 
 _INTERACTIVE_RANGES = {"rounds": (1, 20), "box_prob": (0.0, 1.0), "box_jitter": (0.0, 1.0),
                        "max_structures": (1, 64), "weight": (0.0, 100.0), "no_text_prob": (0.0, 1.0),
-                       "inside_click_prob": (0.0, 1.0), "answer_noise": (0.0, 20.0)}
+                       "inside_click_prob": (0.0, 1.0)}
 
 
 def load_config(source: dict | str | Path) -> dict:

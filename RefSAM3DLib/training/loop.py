@@ -106,12 +106,6 @@ class GestureStep(MultiPromptStep):
     def __init__(self, model: nn.Module, settings: dict) -> None:
         super().__init__(model)
         self.settings = settings
-        if settings["answer_noise"]:
-            gesture_maps = getattr(model.mask_decoder, "gesture_maps", None)
-            if gesture_maps is None:
-                raise RefSAM3DError("interactive.answer_noise perturbs what the gesture maps read, but this "
-                                    "model has none; set model.gesture_maps or drop answer_noise")
-            gesture_maps.answer_noise = settings["answer_noise"]
 
     def forward(self, image: torch.Tensor, texts: list[list[str]], targets: list[torch.Tensor]) -> list[list]:
         features = self.model.encode_image(image)
