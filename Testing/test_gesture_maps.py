@@ -76,11 +76,11 @@ def test_the_text_biases_change_the_term_of_prompts_with_text_only():
     features, coarse = torch.randn(1, 4, SIZE, SIZE, SIZE), torch.randn(1, 2, SIZE, SIZE, SIZE)
     points, labels = torch.tensor([[[20.0, 20.0, 20.0]]] * 2), torch.tensor([[1], [1]])
     with torch.no_grad():
-        mixed = head(features, coarse, points, labels, None, has_text=torch.tensor([True, False]))
+        mixed = head(features, coarse, points, labels, None, has_text=[True, False])
         all_text = head(features, coarse, points, labels, None)  # None: every prompt has text
         head.text_first_bias.zero_()
         head.text_last_bias.zero_()
-        ignored = head(features, coarse, points, labels, None, has_text=torch.tensor([True, False]))
+        ignored = head(features, coarse, points, labels, None, has_text=[True, False])
     assert torch.equal(mixed[:, 0], all_text[:, 0]) and not torch.equal(mixed[:, 1], all_text[:, 1])
     assert torch.equal(mixed[:, 1], ignored[:, 1]) and not torch.equal(mixed[:, 0], ignored[:, 0])
 
