@@ -76,8 +76,7 @@ def build_untrained(
 
 ADDABLE_PARTS = {"token_logits": "mask_decoder.token_hypernetwork.", "click_prior": "mask_decoder.click_prior.",
                  "gesture_maps": "mask_decoder.gesture_maps.",
-                 "gesture_text_biases": "mask_decoder.gesture_maps.text_",
-                 "gesture_prompt_biases": "mask_decoder.gesture_maps.prompt_"}
+                 "gesture_text_biases": "mask_decoder.gesture_maps.text_"}
 """Config switches whose part can join a trained model, and the prefix of that part's weights."""
 
 
@@ -85,11 +84,11 @@ def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
     """``model`` rebuilt as ``config`` where they differ only by parts of ``ADDABLE_PARTS`` turned
     on: the weights carried over, the new parts at their initial values. ``token_logits`` starts at
     zero (every output unchanged); ``click_prior`` acts only on clicks (text-only outputs
-    unchanged); ``gesture_maps`` and its text and prompt biases start at zero (every output unchanged).
+    unchanged); ``gesture_maps`` and ``gesture_text_biases`` start at zero (every output unchanged).
     Any other pair: ``model`` as it is (callers compare model spaces and refuse what does not fit).
 
     Lets a run ``--init`` from a model made before the part existed (refsam3d-small-v6 had no token
-    logits, v9 no click prior, v11 no text biases in its gesture maps, v12 no prompt biases).
+    logits, v9 no click prior, v11 no text biases in its gesture maps).
     """
     added = [name for name in ADDABLE_PARTS if getattr(config, name) and not getattr(model.config, name)]
     if not added or dataclasses.replace(model.config, **{name: True for name in added}) != config:

@@ -1,8 +1,7 @@
 """Gestures drawn as maps (model/gesture_maps.py): what each map says, the term stays on the crop
 the gesture reaches, padding and prompts without a gesture get none, gradients reach the MLP, its
-text biases tell prompts with text from those without, its prompt biases give each prompt its own
-term, and a model that gains the part (or its text or prompt biases) answers exactly as before
-until it trains."""
+text biases tell prompts with text from those without, and a model that gains the part (or its
+text biases) answers exactly as before until it trains."""
 
 from __future__ import annotations
 
@@ -84,42 +83,6 @@ def test_the_text_biases_change_the_term_of_prompts_with_text_only():
         ignored = head(features, coarse, points, labels, None, has_text=[True, False])
     assert torch.equal(mixed[:, 0], all_text[:, 0]) and not torch.equal(mixed[:, 1], all_text[:, 1])
     assert torch.equal(mixed[:, 1], ignored[:, 1]) and not torch.equal(mixed[:, 0], ignored[:, 0])
-
-
-def test_the_prompt_biases_give_each_prompt_its_own_term_and_learn():
-    torch.manual_seed(0)
-    head = GestureMaps(4, prompt_dim=8)
-    torch.nn.init.normal_(head.head[-1].weight)
-    features, coarse = torch.randn(1, 4, SIZE, SIZE, SIZE), torch.zeros(1, 2, SIZE, SIZE, SIZE)
-    points, labels = torch.tensor([[[20.0, 20.0, 20.0]]] * 2), torch.tensor([[1], [1]])
-    prompts = torch.randn(2, 8)
-    with torch.no_grad():
-        before = head(features, coarse, points, labels, None, prompt_embeddings=prompts)
-        assert torch.equal(before[:, 0], before[:, 1])  # zero at first: the prompt changes nothing
-        for layer in (head.prompt_first_bias, head.prompt_last_bias):
-            torch.nn.init.normal_(layer.weight)
-        after = head(features, coarse, points, labels, None, prompt_embeddings=prompts)
-    assert not torch.equal(after[:, 0], after[:, 1])
-    assert torch.equal(after[0, :, 0, 0, 0], coarse[0, :, 0, 0, 0])  # still only where the click reaches
-    head(features, coarse, points, labels, None, prompt_embeddings=prompts).sum().backward()
-    assert_every_parameter_learns(head)
-
-
-def test_a_model_gaining_the_prompt_biases_answers_exactly_as_before_until_it_trains(model_gaining):
-    older, grown = model_gaining("gesture_prompt_biases")
-    assert set(grown.trainable_state_dict()) - set(older.trainable_state_dict()) == {
-        f"mask_decoder.gesture_maps.prompt_{which}_bias.{kind}" for which in ("first", "last")
-        for kind in ("weight", "bias")}
-    torch.nn.init.normal_(older.mask_decoder.gesture_maps.head[-1].weight)  # a trained MLP, in both
-    grown.mask_decoder.gesture_maps.head.load_state_dict(older.mask_decoder.gesture_maps.head.state_dict())
-    size = MODEL_CONFIGS["small"].window_size_vox
-    image = torch.rand(1, 1, size, size, size)
-    gesture = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]))
-    with torch.no_grad():
-        assert torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
-        torch.nn.init.normal_(grown.mask_decoder.gesture_maps.prompt_last_bias.weight)
-        assert not torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
-        assert torch.equal(older(image, ["liver"]), grown(image, ["liver"]))  # text alone never reaches it
 
 
 def test_a_model_gaining_the_gesture_maps_answers_exactly_as_before_until_it_trains(model_gaining):

@@ -86,9 +86,6 @@ class ModelConfig:
         gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text (a
             gesture corrects a text answer, or draws the structure alone). False in checkpoints
             made before it existed; ``checkpoint.upgrade`` adds them at zero.
-        gesture_prompt_biases: those biases also depend on the prompt (its sentence embedding), so a
-            gesture can correct each structure's text answer its own way. False in checkpoints made
-            before it existed; ``checkpoint.upgrade`` adds them at zero.
     """
 
     name: str
@@ -121,7 +118,6 @@ class ModelConfig:
     click_prior: bool = False
     gesture_maps: bool = False
     gesture_text_biases: bool = False
-    gesture_prompt_biases: bool = False
 
     @property
     def grid_tok(self) -> int:
@@ -273,7 +269,6 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         click_prior=True,
         gesture_maps=True,
         gesture_text_biases=True,
-        gesture_prompt_biases=True,
     ),
     "vit_b": ModelConfig(
         name="vit_b",
@@ -304,7 +299,6 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         click_prior=True,
         gesture_maps=True,
         gesture_text_biases=True,
-        gesture_prompt_biases=True,
     ),
 }
 

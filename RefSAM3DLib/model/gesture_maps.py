@@ -22,11 +22,7 @@ the MLP also knows whether the prompt has text: a prompt with text gets its own 
 first and the last layer. With text a gesture corrects an answer that is mostly right; without it
 the gesture must draw the whole structure; one MLP that could not tell them apart learned to push
 every gestured logit up (refsam3d-small-v11: text + box + click grew the kidneys of the very
-patients it trained on to 1.1-1.3x their volume). With ``prompt_biases`` those biases also depend
-on the prompt itself, a linear map of its projected sentence embedding: the same box and click
-must grow a pancreas the text answer misses by a third and leave alone a kidney the text answer
-already covers (refsam3d-small-v12 on the validation patients: text answers at 0.67x and 1.02x
-their true volumes, box + click at 0.95x and 1.10x). The MLP's last layer
+patients it trained on to 1.1-1.3x their volume). The MLP's last layer
 starts at zero, so a model that gains this part answers exactly as before until it trains, and a
 prompt without a gesture gets no term (text-only answers never depend on it). The term is computed
 only on the crop of the window that the gesture reaches (the box grown by ``BOX_REACH_VOX``, each
@@ -66,12 +62,9 @@ class GestureMaps(nn.Module):
         text_biases: prompts with text get their own first- and last-layer biases (added to the
             shared ones). Zero at first, so that a model gaining them (``checkpoint.upgrade``)
             answers as before until it trains.
-        prompt_dim: width C of the prompts' sentence embeddings when the first- and last-layer
-            biases also depend on the prompt (two linear maps of it, zero at first); None: they do not.
     """
 
-    def __init__(self, pixel_dim: int, hidden: int = 16, text_biases: bool = False,
-                 prompt_dim: int | None = None) -> None:
+    def __init__(self, pixel_dim: int, hidden: int = 16, text_biases: bool = False) -> None:
         super().__init__()
         self.head = nn.Sequential(
             nn.Conv3d(pixel_dim + MAP_CHANNELS + 1, hidden, kernel_size=1), nn.GELU(),
@@ -82,16 +75,10 @@ class GestureMaps(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
         self.text_first_bias = nn.Parameter(torch.zeros(hidden)) if text_biases else None
         self.text_last_bias = nn.Parameter(torch.zeros(1)) if text_biases else None
-        self.prompt_first_bias = self.prompt_last_bias = None
-        if prompt_dim is not None:
-            self.prompt_first_bias, self.prompt_last_bias = nn.Linear(prompt_dim, hidden), nn.Linear(prompt_dim, 1)
-            for layer in (self.prompt_first_bias, self.prompt_last_bias):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
 
     def forward(self, pixel_features: torch.Tensor, coarse: torch.Tensor, points_dhw: torch.Tensor | None,
                 point_labels: torch.Tensor | None, boxes_dhw: torch.Tensor | None,
-                has_text: Sequence[bool] | None = None, prompt_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+                has_text: Sequence[bool] | None = None) -> torch.Tensor:
         """
         Args:
             pixel_features: (B, C_pix, D, H, W) shared pixel features of B windows.
@@ -100,7 +87,6 @@ class GestureMaps(nn.Module):
             point_labels: (P, N) 1 positive, 0 negative, -1 padding; None = all positive.
             boxes_dhw: (P, 6) boxes (d0, h0, w0, d1, h1, w1) in window voxels, or None.
             has_text: P bools, whether each prompt has text; None = all have.
-            prompt_embeddings: (P, C) the prompts' sentence embeddings (read with ``prompt_dim``).
 
         Returns:
             (B, P, D, H, W) float32: ``coarse`` plus each gestured prompt's term on its crop.
@@ -122,14 +108,9 @@ class GestureMaps(nn.Module):
                 with_text = self.text_first_bias is not None and (has_text is None or bool(has_text[i]))
                 if with_text:
                     hidden = hidden + self.text_first_bias.view(1, -1, 1, 1, 1)
-                with_prompt = self.prompt_first_bias is not None and prompt_embeddings is not None
-                if with_prompt:
-                    hidden = hidden + self.prompt_first_bias(prompt_embeddings[i].float()).view(1, -1, 1, 1, 1)
                 term = self.head[1:](hidden)[:, 0]
                 if with_text:
                     term = term + self.text_last_bias
-                if with_prompt:
-                    term = term + self.prompt_last_bias(prompt_embeddings[i].float())
                 term = OUTPUT_SCALE * term
                 padding = [n for s, length in reversed(list(zip(crop, size))) for n in (s.start, length - s.stop)]
                 corrected[i] = corrected[i] + F.pad(term, padding)

@@ -135,12 +135,11 @@ class MaskDecoder3D(nn.Module):
         click_prior: correct the coarse logits at and around clicks (``click_prior.ClickPrior``).
         gesture_maps: correct them from the gestures drawn as maps (``gesture_maps.GestureMaps``).
         gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text.
-        gesture_prompt_biases: ... and biases that depend on the prompt's sentence embedding.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int,
                  token_logits: bool = False, click_prior: bool = False, gesture_maps: bool = False,
-                 gesture_text_biases: bool = False, gesture_prompt_biases: bool = False) -> None:
+                 gesture_text_biases: bool = False) -> None:
         super().__init__()
         self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
         self.mask_token = nn.Embedding(1, dim)
@@ -153,8 +152,7 @@ class MaskDecoder3D(nn.Module):
             nn.init.zeros_(self.token_hypernetwork.layers[-1].weight)
             nn.init.zeros_(self.token_hypernetwork.layers[-1].bias)
         self.click_prior = ClickPrior(pixel_dim) if click_prior else None
-        self.gesture_maps = GestureMaps(pixel_dim, text_biases=gesture_text_biases,
-                                        prompt_dim=dim if gesture_prompt_biases else None) if gesture_maps else None
+        self.gesture_maps = GestureMaps(pixel_dim, text_biases=gesture_text_biases) if gesture_maps else None
 
     def forward(
         self,
@@ -174,7 +172,7 @@ class MaskDecoder3D(nn.Module):
             embedding: (B, C, d, h, w) neck embedding.
             image_pe: (C, d, h, w) positional encoding of the token grid.
             dense: (B, P, d*h*w, C) cross-modal prompt embeddings.
-            sparse: (P, T, C) sparse prompt tokens, the first of them the prompt's sentence embedding.
+            sparse: (P, T, C) sparse prompt tokens.
             pixel_features: (B, C_pix, D, H, W) shared up-sampled features.
             image_term: (B, F, D, H, W) shared image half of the fusion convolution.
             points_dhw, point_labels: the clicks (P, N, 3) and their labels (P, N), for the click
@@ -204,8 +202,7 @@ class MaskDecoder3D(nn.Module):
         if self.click_prior is not None and points_dhw is not None:
             coarse = self.click_prior(pixel_features, coarse, points_dhw, point_labels)
         if self.gesture_maps is not None and (points_dhw is not None or boxes_dhw is not None):
-            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw, has_text,
-                                       prompt_embeddings=sparse[:, 0])
+            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw, has_text)
         return self._fuse_with_image(coarse, image_term.float())
 
     def _fuse_with_image(self, coarse: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:
