@@ -23,7 +23,7 @@ from RefSAM3DLib.training.config import load_config
 from RefSAM3DLib.datasets import load_cases, split_by_patient
 from RefSAM3DLib.training.prepare import PROMPT_TABLE
 from RefSAM3DLib.training.prompts import PromptTable, TableTextEncoder
-from RefSAM3DLib.training.loss import PromptLoss, exclusive_cross_entropy, keep_loss
+from RefSAM3DLib.training.loss import PromptLoss, exclusive_cross_entropy
 from RefSAM3DLib.training.validation import validate_whole_volumes
 from RefSAM3DLib.training.windows import CaseStore, WindowDataset, choose_structures, crop_centre
 
@@ -241,23 +241,6 @@ def test_exclusive_loss_skips_voxels_claimed_by_two_prompts():
     logits = torch.full((1, 2, 1, 1, 2), -4.0)
     only_background = exclusive_cross_entropy(logits[..., 1:], target[..., 1:])
     assert torch.allclose(exclusive_cross_entropy(logits, target), only_background)
-
-
-def test_keep_loss_scores_moves_only_where_the_text_was_right():
-    target = torch.zeros(1, 8, 8, 8)
-    target[0, 2:6, 2:6, 2:6] = 1  # 64 voxels
-    text = torch.where(target[None] > 0, 6.0, -6.0)
-    text[0, 0, 5, 2:6, 2:6] = -6.0  # text misses one 16-voxel slice of the structure
-    assert keep_loss(text.clone(), text, target) == 0
-    grown_into_miss = text.clone()
-    grown_into_miss[0, 0, 5, 2:6, 2:6] = 6.0  # the gesture fixes exactly what text missed
-    assert keep_loss(grown_into_miss, text, target) == 0
-    shell = text.clone()
-    shell[0, 0, 1, 2:6, 2:6] = 0.5  # a boundary nudged where text was right: no voxel flips ...
-    nudged = keep_loss(shell, text, target)
-    assert nudged > 0  # ... but the term sees it
-    shell[0, 0, 1, 2:6, 2:6] = 2.0  # nudged further: costs more
-    assert keep_loss(shell, text, target) > nudged
 
 
 def test_label_map_gives_each_voxel_to_the_most_probable_prompt():

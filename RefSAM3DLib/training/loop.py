@@ -37,7 +37,7 @@ from ..model.prompt_encoder import NO_TEXT_PROMPT
 from .cache import model_space, read_manifest
 from .config import load_config, model_config
 from .gestures import gesture_rounds, subset
-from .loss import PromptLoss, keep_loss
+from .loss import PromptLoss
 from .prepare import PROMPT_TABLE, prepare
 from .prompts import PromptTable, TableTextEncoder
 from .validation import validate_whole_volumes
@@ -99,10 +99,8 @@ class GestureStep(MultiPromptStep):
         model: the RefSAM3D.
         settings: the config's ``interactive`` section.
 
-    ``forward(image (B, 1, D, H, W), texts: B lists, targets: B tensors (P_b, D, H, W))`` -> B lists:
-    the text-only ``(logits (1, P, D, H, W), target (P, D, H, W))`` first, then one
-    ``(logits, target, text_logits)`` per round (``text_logits``: the rounds' prompts' detached
-    text-only logits, None when the rounds carry no text).
+    ``forward(image (B, 1, D, H, W), texts: B lists, targets: B tensors (P_b, D, H, W))`` -> B lists
+    of ``(logits (1, P, D, H, W), target (P, D, H, W))``: the text-only pair first, then one per round.
     """
 
     def __init__(self, model: nn.Module, settings: dict) -> None:
@@ -121,12 +119,10 @@ class GestureStep(MultiPromptStep):
             present = present[torch.randperm(len(present))[: self.settings["max_structures"]]].sort().values.tolist()
             if present:
                 chosen, first_logits = subset(prompts, present), logits[:, present]
-                text_logits = first_logits.detach()
                 if self.settings["no_text_prob"] and float(torch.rand(1)) < self.settings["no_text_prob"]:
                     # Gestures alone: no text, and the first click lands in the whole structure.
                     chosen = self.model.encode_prompts([NO_TEXT_PROMPT] * len(present))
                     first_logits = torch.full_like(first_logits, -1.0)
-                    text_logits = None
 
                 def decode(points, labels, boxes, chosen=chosen, window=window, window_features=window_features):
                     return self.model.decode(window, window_features, chosen, points_dhw=points,
@@ -135,24 +131,17 @@ class GestureStep(MultiPromptStep):
                 rounds = gesture_rounds(decode, first_logits, target[present], self.settings["rounds"],
                                         self.settings["box_prob"], self.settings["box_jitter"],
                                         self.settings["inside_click_prob"])
-                pairs += [(round_logits, target[present], text_logits) for round_logits in rounds]
+                pairs += [(round_logits, target[present]) for round_logits in rounds]
             out.append(pairs)
         return out
 
 
-def gesture_loss(loss_fn: nn.Module, pairs: list, weight: float, device, keep_weight: float = 0.0) -> torch.Tensor:
-    """One window's loss: the text-only term plus ``weight`` times the mean over gesture rounds
-    (each with ``keep_weight`` times :func:`keep_loss` when its rounds carry text)."""
+def gesture_loss(loss_fn: nn.Module, pairs: list, weight: float, device) -> torch.Tensor:
+    """One window's loss: the text-only term plus ``weight`` times the mean over gesture rounds."""
     text = loss_fn(pairs[0][0].float(), pairs[0][1].to(device)[None].float())
     if len(pairs) == 1:
         return text
-    rounds = []
-    for logits, target, text_logits in pairs[1:]:
-        target = target.to(device)
-        term = loss_fn(logits.float(), target[None].float())
-        if keep_weight > 0 and text_logits is not None:
-            term = term + keep_weight * keep_loss(logits.float(), text_logits.float(), target)
-        rounds.append(term)
+    rounds = [loss_fn(lg.float(), tg.to(device)[None].float()) for lg, tg in pairs[1:]]
     return text + weight * sum(rounds) / len(rounds)
 
 
@@ -356,7 +345,7 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
                     targets = [tg.to(device) for tg in batch["target"]]
                     with autocast:
                         windows = step_module(image, batch["texts"], targets)
-                    loss = sum(gesture_loss(loss_fn, pairs, gestures["weight"], device, gestures["keep_weight"]) for pairs in windows)
+                    loss = sum(gesture_loss(loss_fn, pairs, gestures["weight"], device) for pairs in windows)
                     loss = loss / len(windows)
                 else:
                     with autocast:

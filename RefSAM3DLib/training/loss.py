@@ -29,8 +29,6 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from ..model.gesture_maps import LOGIT_SQUASH
-
 
 class PromptLoss(nn.Module):
     """BCE-with-logits over every prompt + soft Dice over prompts with a non-empty target.
@@ -74,27 +72,3 @@ def exclusive_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch
     scores = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
     per_voxel = F.cross_entropy(scores, owner, reduction="none")
     return per_voxel[claims <= 1].mean()
-
-
-def keep_loss(logits: torch.Tensor, text_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """How far a gesture moved the logits where the text answer was already right.
-
-    Why: on whole volumes a box and an interior click grew kidneys and spleens that text already
-    covered by a shell about one input voxel thick (refsam3d-small-v12: median 1.2 mm): the
-    boundary moved by a third of a 3 mm model voxel, which flips few voxels of the grid the
-    segmentation loss scores, so that loss barely sees it. This term sees the logits move.
-
-    Args:
-        logits: (1, P, D, H, W) a gesture round's logits; text_logits: the same prompts' text-only
-            logits (detached); target: (P, D, H, W) their reference masks.
-
-    Returns:
-        the squared change of the squashed logits (``LOGIT_SQUASH * tanh(z / LOGIT_SQUASH)``, so a
-        clear yes or no saturates) summed over the voxels text got right, per prompt divided by
-        its structure's voxel count (a small structure weighs as much as a large one), averaged.
-    """
-    squash = lambda z: LOGIT_SQUASH * torch.tanh(z / LOGIT_SQUASH)  # noqa: E731
-    right = (text_logits > 0) == target.bool()[None]
-    moved = (squash(logits) - squash(text_logits)) ** 2 * right
-    size = target.flatten(1).sum(dim=1).clamp(min=1)
-    return (moved.flatten(2).sum(dim=2) / size[None]).mean()
