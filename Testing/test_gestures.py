@@ -102,6 +102,29 @@ def test_round_zero_of_a_gesture_step_is_the_text_only_step(untrained_small_toy)
         assert len(pairs) == 3 and all(lg.shape[1] == 1 for lg, _ in pairs[1:])  # only present structures
 
 
+def test_gestures_are_placed_on_the_labels_and_scored_against_the_loss_targets(untrained_small_toy, monkeypatch):
+    model = untrained_small_toy
+    boxes = []
+    decode = model.decode
+
+    def recording(image, features, prompts, points_dhw=None, point_labels=None, boxes_dhw=None):
+        boxes.append(boxes_dhw)
+        return decode(image, features, prompts, points_dhw=points_dhw, point_labels=point_labels, boxes_dhw=boxes_dhw)
+
+    monkeypatch.setattr(model, "decode", recording)
+    labels = torch.stack([cube((32,) * 3), torch.zeros((32,) * 3, dtype=torch.bool)])
+    # Partial-volume targets, here deliberately elsewhere: the loss scores against them, while the
+    # box a user draws is the labels' box.
+    fractions = torch.roll(labels, 5, dims=1).float() * 0.9
+    settings = {"rounds": 2, "box_prob": 1.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
+                "no_text_prob": 0.0, "inside_click_prob": 1.0}
+    with torch.no_grad():
+        pairs = GestureStep(model, settings)(torch.rand(1, 1, 32, 32, 32), [["liver", "spleen"]], [labels], [fractions])[0]
+    assert torch.equal(pairs[0][1], fractions)
+    assert len(pairs) == 3 and all(torch.equal(target, fractions[:1]) for _, target in pairs[1:])
+    assert boxes[1].tolist() == [[4.0, 4.0, 4.0, 9.0, 11.0, 8.0]]
+
+
 def test_gesture_rounds_without_text_start_from_an_empty_mask(untrained_small_toy, monkeypatch):
     model = untrained_small_toy
     decoded = []  # (texts, points, labels) of every decode call

@@ -9,8 +9,9 @@ from scipy.spatial.transform import Rotation
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.geometry import LPS_TO_RAS
 from RefSAM3DLib.volume_reader import read_volume
-from RefSAM3DLib.preprocess import (BODY_MARGIN_VOX, BODY_THRESHOLD, IntensitySettings, from_model_space,
-                                    labels_to_model_space, model_grid, to_model_space)
+from RefSAM3DLib.preprocess import (BODY_MARGIN_VOX, BODY_THRESHOLD, COVERAGE_LEVELS, IntensitySettings,
+                                    from_model_space, label_coverage_in_model_space, labels_to_model_space,
+                                    model_grid, to_model_space)
 from RefSAM3DLib.volume import Volume
 
 CT = IntensitySettings("CT", ct_window_hu=(-160.0, 240.0), mr_percentiles=(0.5, 99.5))
@@ -55,6 +56,38 @@ def test_label_round_trip_recovers_blob_on_oblique_anisotropic_volume():
     assert labels_dhw.dtype == np.uint8 and labels_dhw.shape == grid.shape_dhw
     assert back.dtype == np.float32 and back.shape == volume.shape_kji
     assert dice(back >= 0.5, blob) > 0.9
+
+
+@pytest.mark.parametrize("ijk_to_ras", [np.diag([1.0, 1.0, 1.0, 1.0]), np.diag([-1.0, -1.0, 1.0, 1.0])],
+                         ids=["RAS", "LPS"])
+def test_coverage_counts_the_part_of_each_model_voxel_inside_a_label(ijk_to_ras):
+    # A 1 mm label whose slab of value 2 ends 1 mm into a 3 mm model voxel: that voxel is a third
+    # inside, which a nearest-neighbour label on the model grid cannot say.
+    labels = np.zeros((30, 30, 30), dtype=np.uint8)
+    labels[:, :, :] = 1
+    labels[:, :, :13] = 2  # i < 13
+    volume = Volume(labels, ijk_to_ras)
+    grid = model_grid(volume, (3.0, 3.0, 3.0))
+    coverage = label_coverage_in_model_space(volume, grid, [2, 1, 7])
+    nearest = labels_to_model_space(volume, grid)
+
+    assert coverage.shape == (3, *grid.shape_dhw) and coverage.dtype == np.uint8
+    assert np.all(coverage[0] + coverage[1] == COVERAGE_LEVELS) and not coverage[2].any()
+    # Each (d, h) row holds 13 mm of value 2 along i, whichever way the file stores its axes.
+    assert np.all(coverage[0].sum(axis=2) == 13 * COVERAGE_LEVELS // 3)
+    partial = np.unique(coverage[0][(coverage[0] > 0) & (coverage[0] < COVERAGE_LEVELS)])
+    assert partial.tolist() == [COVERAGE_LEVELS // 3]
+    # A voxel whose centre is inside is at least half inside: the majority agrees with the labels.
+    assert np.array_equal(coverage[0] > COVERAGE_LEVELS // 2, nearest == 2)
+
+
+def test_coverage_of_an_oblique_volume_measures_its_label_volume():
+    volume, blob = ellipsoid_volume()
+    grid = model_grid(volume, (3.0, 3.0, 3.0))
+    coverage = label_coverage_in_model_space(Volume(blob, volume.ijk_to_ras), grid, [1])[0]
+    ellipsoid_ml = 4.0 / 3.0 * np.pi * 18.0 * 14.0 * 22.0 / 1000.0
+    assert abs(coverage.sum() / COVERAGE_LEVELS * 27.0 / 1000.0 - ellipsoid_ml) < 0.03 * ellipsoid_ml
+    assert ((coverage > 0) & (coverage < COVERAGE_LEVELS)).any()
 
 
 def test_image_round_trip_recovers_blob_from_normalised_intensities():

@@ -18,6 +18,7 @@ from RefSAM3DLib.sliding_window import LabelMapComposer
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.training import train
 from RefSAM3DLib.training.augment import crop_around
+from RefSAM3DLib.preprocess import COVERAGE_LEVELS
 from RefSAM3DLib.training.cache import IMAGE_LEVELS, build_cache, load_case, read_manifest
 from RefSAM3DLib.training.config import load_config
 from RefSAM3DLib.datasets import load_cases, split_by_patient
@@ -151,6 +152,12 @@ def test_cache_holds_model_space_case_with_its_annotated_structures(samples_dir,
     assert case["label"].shape == label.shape == image.shape
     assert (case["label"] == 1).sum() == (label == 1).sum() and (case["label"] == 2).sum() == (label == 3).sum()
     assert abs(case["image"].astype(float).mean() / IMAGE_LEVELS * case["image"].size - image.sum()) < 0.02 * image.sum()
+    # Partial-volume coverage of each present structure: its volume, its majority the labels.
+    coverage = case["coverage"].astype(float) / COVERAGE_LEVELS
+    assert case["coverage"].shape == (2, *label.shape)
+    for index, value in enumerate((1, 3)):
+        assert abs(coverage[index].sum() - (label == value).sum()) < 0.03 * (label == value).sum()
+        assert ((coverage[index] > 0.5) != (label == value)).sum() < 0.03 * (label == value).sum()
 
 
 def _two_sided_case(size=96):
@@ -181,6 +188,37 @@ def test_training_windows_never_mirror_anatomy():
     assert both >= 10
 
 
+def test_partial_volume_windows_are_the_same_windows_with_each_prompts_fraction():
+    case = _two_sided_case()
+    present = [1, 2, 3, 4]  # the synthetic spleen (5) is annotated but absent
+    case["coverage"] = np.stack([(case["label"] == v) * COVERAGE_LEVELS for v in present]).astype(np.uint8)
+    case["coverage"][0, 30:60, 30:60, 22] = COVERAGE_LEVELS // 3  # the right kidney a third into w = 22
+    phrasings = {k: [k] for k in case["structures"]}
+    hard, soft = (WindowDataset([case], phrasings, 64, 3.0, seed=0, length=6, partial_volume=pv) for pv in (False, True))
+    for index in range(len(hard)):
+        a, b = hard[index], soft[index]
+        assert "fraction" not in a and torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+        fraction = b["fraction"]
+        assert fraction.shape == b["target"].shape and fraction.dtype == torch.float32
+        assert 0.0 <= fraction.min() and fraction.max() <= 1.0
+        assert not fraction[b["keys"].index("spleen")].any()
+        # Moved by the same affine: away from the edges the fraction is the label.
+        agree = ((fraction > 0.5) == b["target"].bool()).float().mean()
+        assert agree > 0.97
+    # Without an affine the partial layer arrives as it is: a third.
+    plain = WindowDataset([case], phrasings, 64, 3.0, seed=0, length=4, partial_volume=True,
+                          augment={"affine_prob": 0.0})
+    thirds = 0
+    for item in (plain[i] for i in range(len(plain))):
+        kidney = item["keys"].index("kidney_right")
+        levels = item["fraction"][kidney] * COVERAGE_LEVELS
+        assert torch.allclose(levels, levels.round(), atol=1e-4)
+        assert set(levels.round().unique().tolist()) <= {0.0, COVERAGE_LEVELS // 3, COVERAGE_LEVELS}
+        assert torch.equal(levels.round() == COVERAGE_LEVELS, item["target"][kidney].bool())
+        thirds += int((levels.round() == COVERAGE_LEVELS // 3).sum())
+    assert thirds > 0
+
+
 def test_every_annotated_structure_is_trained_in_every_window_present_or_absent():
     label = torch.zeros(4, 4, 4, dtype=torch.uint8)
     label[0, 0, 0] = 1
@@ -196,7 +234,7 @@ def test_crop_centres_are_balanced_across_structures_not_voxels():
     hits = [case["label"][tuple(crop_centre(case, rng, background_prob=0.1))] for _ in range(400)]
     # The 8-voxel adrenal is drawn as often as the 200,000-voxel liver (uniform voxels: 1 in 25,000).
     assert 60 < hits.count(4) < 140 and 60 < hits.count(3) < 140
-    assert crop_around(case["image"], case["label"], (95, 95, 95), 120)[0].shape == (120, 120, 120)
+    assert crop_around([case["image"], case["label"]], (95, 95, 95), 120)[0].shape == (120, 120, 120)
 
 
 # ---- loss and validation ---------------------------------------------------------------------------
@@ -233,6 +271,26 @@ def test_exclusive_loss_scores_the_label_map_and_equals_bce_for_one_prompt():
     one_target = (torch.rand(1, 1, 3, 3, 3) > 0.5).float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(one, one_target)
     assert torch.allclose(exclusive_cross_entropy(one, one_target), bce, atol=1e-6)
+
+
+def test_a_partial_volume_target_asks_for_a_logit_that_places_the_edge_inside_the_voxel():
+    # A row of voxels whose edge lies a third into voxel 2. Its nearest-neighbour label calls voxel
+    # 2 outside, and the loss then prefers a confident "no" there, whichever sub-voxel the edge is
+    # at; its fraction asks for the logit of a third, so that the interpolated logits cross zero
+    # inside that voxel.
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 1, 1, 5)
+    fractions = torch.tensor([1.0, 1.0, 1.0 / 3.0, 0.0, 0.0]).reshape(1, 1, 1, 1, 5)
+    sure = torch.tensor([8.0, 8.0, -8.0, -8.0, -8.0]).reshape(1, 1, 1, 1, 5)
+    calibrated = sure.clone()
+    calibrated[..., 2] = float(torch.logit(torch.tensor(1.0 / 3.0)))
+    loss = PromptLoss()
+    assert loss(sure, labels) < loss(calibrated, labels)
+    assert loss(calibrated, fractions) < loss(sure, fractions)
+    # The exclusive term keeps each voxel's majority label.
+    pair = torch.stack([fractions[:, 0], 1.0 - fractions[:, 0]], dim=1)
+    majority = (pair > 0.5).float()
+    assert torch.allclose(exclusive_cross_entropy(calibrated.repeat(1, 2, 1, 1, 1), pair),
+                          exclusive_cross_entropy(calibrated.repeat(1, 2, 1, 1, 1), majority))
 
 
 def test_exclusive_loss_skips_voxels_claimed_by_two_prompts():
@@ -305,6 +363,10 @@ def test_a_config_overrides_the_base_it_names(tmp_path):
                                        encoding="utf-8")
     with pytest.raises(RefSAM3DError, match="exclusive_weight must be a number"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("base: " + str(configs / "train_small.yaml") + "\ntraining: {partial_volume_targets: 1}\n",
+                                       encoding="utf-8")
+    with pytest.raises(RefSAM3DError, match="partial_volume_targets must be true or false"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_prompt_table_serves_the_text_encoders_own_embeddings(toy_config, tmp_path):
@@ -334,7 +396,7 @@ def test_training_steps_reduce_the_loss_on_a_real_case(toy_config, tmp_path):
     entries = [e for e in read_manifest(tmp_path / "cache")["cases"] if e["split"] == "train"]
     case = CaseStore(tmp_path / "cache", entries)[0]
     assert case["structures"] == ["liver"]
-    image, label = crop_around(case["image"], case["label"], np.argwhere(case["label"] == 1).mean(axis=0), 32)
+    image, label = crop_around([case["image"], case["label"]], np.argwhere(case["label"] == 1).mean(axis=0), 32)
     image = torch.from_numpy(image.astype(np.float32) / IMAGE_LEVELS)[None, None]
     target = torch.from_numpy(label == 1)[None, None]
 

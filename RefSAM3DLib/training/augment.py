@@ -3,8 +3,10 @@
 Input: a crop of a cached case (a little larger than the window, centred by
 :func:`.windows.crop_centre`) as channel-first model-space arrays: ``image`` (1, D, H, W) uint8
 levels 0..``image_levels`` (the cache's quantisation; intensity = level / image_levels) and
-``label`` (1, D, H, W) uint8 label indices. Output: one window, ``image`` (1, D, H, W) float32 in
-[0, 1] and ``label`` (1, D, H, W) uint8, the window centred in the crop.
+``label`` (1, D, H, W) uint8 label indices, and optionally ``coverage`` (N, D, H, W) uint8 sub-voxel
+counts 0..``coverage_levels`` (partial-volume targets). Output: one window, ``image`` (1, D, H, W)
+float32 in [0, 1], ``label`` (1, D, H, W) uint8 and ``coverage`` (N, D, H, W) float32 fractions in
+[0, 1] (moved by the same affine, linearly interpolated), the window centred in the crop.
 
 The paper's list -- rotation, flipping, erasing, shearing, scaling, translation, posterisation,
 contrast, brightness, sharpness -- maps onto the transforms below, with one exception: **no
@@ -85,7 +87,7 @@ DEFAULT_OPTIONS = {
 
 
 def training_transforms(window_size_vox: int, spacing_mm: float, image_levels: int,
-                        options: dict | None = None) -> Compose:
+                        options: dict | None = None, coverage_levels: int | None = None) -> Compose:
     """The augmentation pipeline for one model-space training window.
 
     Args:
@@ -93,9 +95,10 @@ def training_transforms(window_size_vox: int, spacing_mm: float, image_levels: i
         spacing_mm: model spacing, to express translations and erasing holes in mm.
         image_levels: the cached image's top level (intensity 1.0).
         options: overrides of the probabilities/ranges below (config ``augment`` section).
+        coverage_levels: the top count of a ``coverage`` entry to carry along; None: no coverage.
     Returns:
-        a Compose mapping a crop dict to one window dict with ``image`` (1, D, H, W) float32 and
-        ``label`` (1, D, H, W) uint8.
+        a Compose mapping a crop dict to one window dict with ``image`` (1, D, H, W) float32,
+        ``label`` (1, D, H, W) uint8 and, with ``coverage_levels``, ``coverage`` (N, D, H, W) float32.
     """
     o = {**DEFAULT_OPTIONS, **(options or {})}
     unknown = set(o) - set(DEFAULT_OPTIONS)
@@ -103,18 +106,24 @@ def training_transforms(window_size_vox: int, spacing_mm: float, image_levels: i
         raise RefSAM3DError(f"unknown augment options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
     window = (int(window_size_vox),) * 3
     hole_vox = max(2, int(round(10.0 / spacing_mm)))
+    # The same draws with or without coverage: RandAffined draws one affine for all its keys.
+    coverage = [] if coverage_levels is None else [
+        ScaleIntensityRanged("coverage", a_min=0.0, a_max=float(coverage_levels), b_min=0.0, b_max=1.0, dtype=np.float32)]
+    spatial_keys, modes = (KEYS, ("bilinear", "nearest")) if coverage_levels is None else (
+        (*KEYS, "coverage"), ("bilinear", "nearest", "bilinear"))
     return Compose(
         [
             ScaleIntensityRanged("image", a_min=0.0, a_max=float(image_levels), b_min=0.0, b_max=1.0, dtype=np.float32),
+            *coverage,
             RandAffined(
-                KEYS,
+                spatial_keys,
                 spatial_size=window,
                 prob=o["affine_prob"],
                 rotate_range=[math.radians(o["rotate_deg"])] * 3,
                 shear_range=[o["shear"]] * 6,
                 scale_range=[o["scale"]] * 3,
                 translate_range=[o["translate_mm"] / spacing_mm] * 3,
-                mode=("bilinear", "nearest"),
+                mode=modes,
                 padding_mode="zeros",
             ),
             RandCoarseDropoutd(
@@ -131,24 +140,26 @@ def training_transforms(window_size_vox: int, spacing_mm: float, image_levels: i
             ThresholdIntensityd("image", threshold=0.0, above=True, cval=0.0),
             EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
             EnsureTyped("label", data_type="tensor", dtype=torch.uint8, track_meta=False),
+            *([] if coverage_levels is None else [
+                EnsureTyped("coverage", data_type="tensor", dtype=torch.float32, track_meta=False)]),
         ]
     )
 
 
-def crop_around(image: np.ndarray, label: np.ndarray, center_dhw, window_size_vox: int):
-    """A window of a cached volume centred (as far as the bounds allow) on a voxel.
+def crop_around(arrays, center_dhw, window_size_vox: int) -> list[np.ndarray]:
+    """The same window of several arrays of a cached volume, centred (as far as the bounds allow)
+    on a voxel.
 
     Args:
-        image: (D, H, W) array.
-        label: (D, H, W) array.
+        arrays: (..., D, H, W) arrays of one volume (the image, its label map, its coverage).
         center_dhw: the voxel to centre on.
         window_size_vox: window edge; volumes smaller than that are zero-padded.
     Returns:
-        (image, label) windows, each (window, window, window).
+        the windows, each (..., window, window, window).
     """
     w = int(window_size_vox)
-    pad = [(0, max(0, w - s)) for s in image.shape]
-    image, label = np.pad(image, pad), np.pad(label, pad)
-    starts = [int(min(max(0, round(c) - w // 2), s - w)) for c, s in zip(center_dhw, image.shape)]
+    shape = arrays[0].shape[-3:]
+    pad = [(0, max(0, w - s)) for s in shape]
+    starts = [int(min(max(0, round(c) - w // 2), max(s, w) - w)) for c, s in zip(center_dhw, shape)]
     sl = tuple(slice(s, s + w) for s in starts)
-    return image[sl], label[sl]
+    return [np.pad(a, [(0, 0)] * (a.ndim - 3) + pad)[(..., *sl)] for a in arrays]

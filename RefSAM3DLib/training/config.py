@@ -40,6 +40,10 @@ TRAINING_DEFAULTS = {
         "num_workers": 0,
         "grad_clip": 1.0,
         "exclusive_weight": 0.0,  # the label map's cross-prompt cross-entropy (training/loss.py)
+        # Train against the fraction of each model voxel inside the structure (the cache's
+        # coverage) instead of its nearest-neighbour label, so that the loss sees the edge move by
+        # less than a model voxel (training/loss.py). Gestures are still placed on the labels.
+        "partial_volume_targets": False,
         "dataset_weights": {},
         # The click prior's learning rate as a multiple of lr (model/click_prior.py): its few
         # numbers are margins in logits and log-sigmas, which Adam moves by about lr per step, so
@@ -113,6 +117,8 @@ def load_config(source: dict | str | Path) -> dict:
     scale = config["training"]["click_prior_lr_scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1000:
         raise RefSAM3DError(f"training.click_prior_lr_scale must be a number in (0, 1000], not {scale!r}; fix the config")
+    if not isinstance(config["training"]["partial_volume_targets"], bool):
+        raise RefSAM3DError("training.partial_volume_targets must be true or false; fix the config")
     trainable = config["training"]["trainable"]
     if not isinstance(trainable, list) or not all(isinstance(p, str) and p for p in trainable):
         raise RefSAM3DError(f"training.trainable must be a list of parameter-name prefixes, not {trainable!r}; fix the config")

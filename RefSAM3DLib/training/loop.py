@@ -99,22 +99,24 @@ class GestureStep(MultiPromptStep):
         model: the RefSAM3D.
         settings: the config's ``interactive`` section.
 
-    ``forward(image (B, 1, D, H, W), texts: B lists, targets: B tensors (P_b, D, H, W))`` -> B lists
-    of ``(logits (1, P, D, H, W), target (P, D, H, W))``: the text-only pair first, then one per round.
+    ``forward(image (B, 1, D, H, W), texts: B lists, targets: B tensors (P_b, D, H, W)[, loss_targets:
+    the same shapes, what the loss scores against (default: targets)])`` -> B lists of ``(logits
+    (1, P, D, H, W), loss target (P, D, H, W))``: the text-only pair first, then one per round.
     """
 
     def __init__(self, model: nn.Module, settings: dict) -> None:
         super().__init__(model)
         self.settings = settings
 
-    def forward(self, image: torch.Tensor, texts: list[list[str]], targets: list[torch.Tensor]) -> list[list]:
+    def forward(self, image: torch.Tensor, texts: list[list[str]], targets: list[torch.Tensor],
+                loss_targets: list[torch.Tensor] | None = None) -> list[list]:
         features = self.model.encode_image(image)
         out = []
-        for b, (window_texts, target) in enumerate(zip(texts, targets)):
+        for b, (window_texts, target, loss_target) in enumerate(zip(texts, targets, loss_targets or targets)):
             window, window_features = image[b:b + 1], features.select(b)
             prompts = self.model.encode_prompts(window_texts)
             logits = self.model.decode(window, window_features, prompts)
-            pairs = [(logits, target)]
+            pairs = [(logits, loss_target)]
             present = torch.nonzero(target.flatten(1).any(dim=1)).flatten()
             present = present[torch.randperm(len(present))[: self.settings["max_structures"]]].sort().values.tolist()
             if present:
@@ -131,7 +133,7 @@ class GestureStep(MultiPromptStep):
                 rounds = gesture_rounds(decode, first_logits, target[present], self.settings["rounds"],
                                         self.settings["box_prob"], self.settings["box_jitter"],
                                         self.settings["inside_click_prob"])
-                pairs += [(round_logits, target[present]) for round_logits in rounds]
+                pairs += [(round_logits, loss_target[present]) for round_logits in rounds]
             out.append(pairs)
         return out
 
@@ -296,7 +298,7 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
         seed=t["seed"], length=(horizon - step) * samples_per_step, offset=step * samples_per_step,
         case_weights=weights, max_prompts=cfg["prompts"]["max_prompts"],
         background_prob=cfg["prompts"]["background_prob"],
-        augment=cfg["augment"],
+        augment=cfg["augment"], partial_volume=t["partial_volume_targets"],
     )
     loader = DataLoader(
         dataset, batch_size=t["batch_size"], num_workers=t["num_workers"], collate_fn=collate,
@@ -341,16 +343,18 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
                 tic = time.perf_counter()
                 batch = next(data)
                 image = batch["image"].to(device, non_blocking=True)
+                # Gestures are placed on the labels; the loss scores against the loss targets.
+                loss_targets = batch["fraction"] if t["partial_volume_targets"] else batch["target"]
                 if gestures:
                     targets = [tg.to(device) for tg in batch["target"]]
                     with autocast:
-                        windows = step_module(image, batch["texts"], targets)
+                        windows = step_module(image, batch["texts"], targets, [tg.to(device) for tg in loss_targets])
                     loss = sum(gesture_loss(loss_fn, pairs, gestures["weight"], device) for pairs in windows)
                     loss = loss / len(windows)
                 else:
                     with autocast:
                         logits = step_module(image, batch["texts"])
-                    loss = sum(loss_fn(lg.float(), tg.to(device)[None].float()) for lg, tg in zip(logits, batch["target"]))
+                    loss = sum(loss_fn(lg.float(), tg.to(device)[None].float()) for lg, tg in zip(logits, loss_targets))
                     loss = loss / len(logits)
                 optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:  # not when only gesture parameters train and no structure is in view

@@ -20,6 +20,11 @@ cross-entropy over ``[background, prompt 1..P]`` per voxel, the background's log
 that "prompt k wins" and "sigmoid(logit k) > 0.5" stay the same decision. It holds because a
 window's targets come from one label map and never overlap (voxels claimed twice are skipped);
 with P = 1 it equals the BCE.
+
+Targets may be partial-volume fractions in [0, 1] (``training.partial_volume_targets``): the BCE
+then places each logit's zero where half of the voxel is inside, which is where the mask's edge is
+drawn once the logits are interpolated onto the input's finer grid; the exclusive term keeps the
+majority label of each voxel.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class PromptLoss(nn.Module):
         dice_weight: weight of the Dice term against the cross-entropy.
         exclusive_weight: weight of the cross-prompt label-map cross-entropy (0 = off).
 
-    ``forward(logits (B, P, D, H, W), target (B, P, D, H, W) in {0, 1}) -> scalar``.
+    ``forward(logits (B, P, D, H, W), target (B, P, D, H, W) in [0, 1]) -> scalar``.
     """
 
     def __init__(self, dice_weight: float = 1.0, exclusive_weight: float = 0.0) -> None:
@@ -63,11 +68,12 @@ def exclusive_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch
 
     Args:
         logits: (B, P, D, H, W) per-prompt logits.
-        target: (B, P, D, H, W) in {0, 1}, at most one prompt per voxel (others are skipped).
+        target: (B, P, D, H, W) in [0, 1]; a voxel belongs to a prompt whose target exceeds 0.5,
+            at most one prompt per voxel (others are skipped).
     Returns:
         the mean over voxels claimed by at most one prompt (a scalar).
     """
-    claims = target.sum(dim=1)  # (B, D, H, W)
+    claims = (target > 0.5).sum(dim=1)  # (B, D, H, W)
     owner = torch.where(claims > 0, target.argmax(dim=1) + 1, 0)
     scores = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
     per_voxel = F.cross_entropy(scores, owner, reduction="none")

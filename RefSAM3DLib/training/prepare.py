@@ -16,7 +16,7 @@ from ..errors import RefSAM3DError
 from ..model import build_model
 from ..model.prompt_encoder import NO_TEXT_PROMPT
 from ..model.text_encoder import find_clip_weights, load_clip_text_weights
-from .cache import build_cache, model_space, read_manifest
+from .cache import CACHE_VERSION, build_cache, model_space, read_manifest
 from .config import model_config as config_model
 from .prompts import PromptTable, build_prompt_table, phrasings_for
 
@@ -33,10 +33,11 @@ def prepare(config: dict, progress: bool = True) -> Path:
     cache_dir = Path(config["cache"])
     manifest = read_manifest(cache_dir)
     if not Path(config["data_root"]).is_dir():
-        if manifest is None or manifest.get("config_key") != config["_key"] or manifest.get("model_space") != model_space(model_config):
+        if (manifest is None or manifest.get("version") != CACHE_VERSION or manifest.get("config_key") != config["_key"]
+                or manifest.get("model_space") != model_space(model_config)):
             raise RefSAM3DError(
                 f"data folder {config['data_root']} is missing and the cache {cache_dir} was not built for this "
-                "config; run 'python -m RefSAM3DLib.training prepare --config FILE' where the data is"
+                "config (or by an older RefSAM3D); run 'python -m RefSAM3DLib.training prepare --config FILE' where the data is"
             )
         if not (cache_dir / PROMPT_TABLE).is_file():
             raise RefSAM3DError(f"{cache_dir / PROMPT_TABLE} is missing; run 'prepare' where the data is")

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import crop_around, training_transforms
+from ..preprocess import COVERAGE_LEVELS
 from .cache import IMAGE_LEVELS, load_case
 
 # The word vocabulary.training_phrasings puts in its templates for the OTHER modality: a CT window
@@ -68,14 +69,17 @@ class WindowDataset(Dataset):
         max_prompts: structures trained per sample (at most).
         background_prob: probability of a crop centred anywhere rather than on a structure.
         augment: overrides for ``augment.training_transforms``.
+        partial_volume: also serve each prompt's partial-volume target (the fraction of each voxel
+            inside the structure, from the cache's coverage).
 
     Items: ``image`` (1, D, H, W) float32, ``target`` (P, D, H, W) uint8, ``texts`` (P phrasings),
-    ``keys`` (P structure keys), ``case_id``.
+    ``keys`` (P structure keys), ``case_id``; with ``partial_volume`` also ``fraction`` (P, D, H, W)
+    float32 in [0, 1].
     """
 
     def __init__(self, store: CaseStore, phrasings: dict[str, list[str]], window_size_vox: int, spacing_mm: float,
                  seed: int, length: int, offset: int = 0, case_weights=None, max_prompts: int = 16,
-                 background_prob: float = 0.1, augment: dict | None = None) -> None:
+                 background_prob: float = 0.1, augment: dict | None = None, partial_volume: bool = False) -> None:
         self.store = store
         self.phrasings = phrasings
         self.seed = int(seed)
@@ -87,7 +91,9 @@ class WindowDataset(Dataset):
         self.background_prob = background_prob
         # Crop a margin larger than the window so rotations and shifts do not pull in padding.
         self.crop_vox = int(np.ceil(window_size_vox * 1.25))
-        self.transforms = training_transforms(window_size_vox, spacing_mm, IMAGE_LEVELS, augment)
+        self.partial_volume = partial_volume
+        self.transforms = training_transforms(window_size_vox, spacing_mm, IMAGE_LEVELS, augment,
+                                              COVERAGE_LEVELS if partial_volume else None)
 
     def __len__(self) -> int:
         return self.length
@@ -102,9 +108,10 @@ class WindowDataset(Dataset):
         case_index = int(rng.choice(len(self.store), p=self.case_p))
         case = self.store[case_index]
         centre = crop_centre(case, rng, self.background_prob)
-        image, label = crop_around(case["image"], case["label"], centre, self.crop_vox)
+        arrays = [case["image"][None], case["label"][None]] + ([case["coverage"]] if self.partial_volume else [])
+        crops = dict(zip(("image", "label", "coverage"), crop_around(arrays, centre, self.crop_vox)))
         self.transforms.set_random_state(seed=int(rng.integers(2**31 - 1)))
-        window = self.transforms({"image": image[None], "label": label[None]})
+        window = self.transforms(crops)
         label = window["label"][0]
         annotated = case["annotated"].copy()
         annotated[1:] &= np.array([key in self.phrasings for key in case["structures"]], dtype=bool)
@@ -112,8 +119,12 @@ class WindowDataset(Dataset):
         keys = [case["structures"][i - 1] for i in indices]
         texts = [str(rng.choice(self._phrasings(k, case["modality"]))) for k in keys]
         target = torch.stack([label == i for i in indices]).to(torch.uint8)
-        return {"image": window["image"], "target": target, "texts": texts, "keys": keys,
-                "case_id": case["case_id"]}
+        item = {"image": window["image"], "target": target, "texts": texts, "keys": keys, "case_id": case["case_id"]}
+        if self.partial_volume:
+            # The cache holds coverage for the present structures only (the first ones); absent: 0.
+            coverage, empty = window["coverage"], torch.zeros_like(window["image"][0])
+            item["fraction"] = torch.stack([coverage[i - 1] if i <= len(coverage) else empty for i in indices])
+        return item
 
 
 def crop_centre(case: dict, rng: np.random.Generator, background_prob: float) -> np.ndarray:
@@ -155,4 +166,5 @@ def collate(items: list[dict]) -> dict:
         "texts": [it["texts"] for it in items],
         "keys": [it["keys"] for it in items],
         "case_id": [it["case_id"] for it in items],
+        **({"fraction": [it["fraction"] for it in items]} if "fraction" in items[0] else {}),
     }
