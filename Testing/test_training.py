@@ -153,7 +153,8 @@ def test_cache_holds_model_space_case_with_its_annotated_structures(samples_dir,
     assert (case["label"] == 1).sum() == (label == 1).sum() and (case["label"] == 2).sum() == (label == 3).sum()
     assert abs(case["image"].astype(float).mean() / IMAGE_LEVELS * case["image"].size - image.sum()) < 0.02 * image.sum()
     # Partial-volume coverage of each present structure: its volume, its majority the labels.
-    coverage = case["coverage"].astype(float) / COVERAGE_LEVELS
+    coverage = case["coverage"].astype(float) / case["coverage_levels"]
+    assert case["coverage_levels"] == COVERAGE_LEVELS
     assert case["coverage"].shape == (2, *label.shape)
     for index, value in enumerate((1, 3)):
         assert abs(coverage[index].sum() - (label == value).sum()) < 0.03 * (label == value).sum()
@@ -193,6 +194,7 @@ def test_partial_volume_windows_are_the_same_windows_with_each_prompts_fraction(
     present = [1, 2, 3, 4]  # the synthetic spleen (5) is annotated but absent
     case["coverage"] = np.stack([(case["label"] == v) * COVERAGE_LEVELS for v in present]).astype(np.uint8)
     case["coverage"][0, 30:60, 30:60, 22] = COVERAGE_LEVELS // 3  # the right kidney a third into w = 22
+    case["coverage_levels"] = COVERAGE_LEVELS
     phrasings = {k: [k] for k in case["structures"]}
     hard, soft = (WindowDataset([case], phrasings, 64, 3.0, seed=0, length=6, partial_volume=pv) for pv in (False, True))
     for index in range(len(hard)):

@@ -3,8 +3,8 @@
 Input: a crop of a cached case (a little larger than the window, centred by
 :func:`.windows.crop_centre`) as channel-first model-space arrays: ``image`` (1, D, H, W) uint8
 levels 0..``image_levels`` (the cache's quantisation; intensity = level / image_levels) and
-``label`` (1, D, H, W) uint8 label indices, and optionally ``coverage`` (N, D, H, W) uint8 sub-voxel
-counts 0..``coverage_levels`` (partial-volume targets). Output: one window, ``image`` (1, D, H, W)
+``label`` (1, D, H, W) uint8 label indices, and optionally ``coverage`` (N, D, H, W) float32
+fractions in [0, 1] (partial-volume targets). Output: one window, ``image`` (1, D, H, W)
 float32 in [0, 1], ``label`` (1, D, H, W) uint8 and ``coverage`` (N, D, H, W) float32 fractions in
 [0, 1] (moved by the same affine, linearly interpolated), the window centred in the crop.
 
@@ -87,7 +87,7 @@ DEFAULT_OPTIONS = {
 
 
 def training_transforms(window_size_vox: int, spacing_mm: float, image_levels: int,
-                        options: dict | None = None, coverage_levels: int | None = None) -> Compose:
+                        options: dict | None = None, coverage: bool = False) -> Compose:
     """The augmentation pipeline for one model-space training window.
 
     Args:
@@ -95,10 +95,10 @@ def training_transforms(window_size_vox: int, spacing_mm: float, image_levels: i
         spacing_mm: model spacing, to express translations and erasing holes in mm.
         image_levels: the cached image's top level (intensity 1.0).
         options: overrides of the probabilities/ranges below (config ``augment`` section).
-        coverage_levels: the top count of a ``coverage`` entry to carry along; None: no coverage.
+        coverage: carry a ``coverage`` entry along (same affine, linear interpolation).
     Returns:
         a Compose mapping a crop dict to one window dict with ``image`` (1, D, H, W) float32,
-        ``label`` (1, D, H, W) uint8 and, with ``coverage_levels``, ``coverage`` (N, D, H, W) float32.
+        ``label`` (1, D, H, W) uint8 and, with ``coverage``, ``coverage`` (N, D, H, W) float32.
     """
     o = {**DEFAULT_OPTIONS, **(options or {})}
     unknown = set(o) - set(DEFAULT_OPTIONS)
@@ -107,14 +107,11 @@ def training_transforms(window_size_vox: int, spacing_mm: float, image_levels: i
     window = (int(window_size_vox),) * 3
     hole_vox = max(2, int(round(10.0 / spacing_mm)))
     # The same draws with or without coverage: RandAffined draws one affine for all its keys.
-    coverage = [] if coverage_levels is None else [
-        ScaleIntensityRanged("coverage", a_min=0.0, a_max=float(coverage_levels), b_min=0.0, b_max=1.0, dtype=np.float32)]
-    spatial_keys, modes = (KEYS, ("bilinear", "nearest")) if coverage_levels is None else (
-        (*KEYS, "coverage"), ("bilinear", "nearest", "bilinear"))
+    spatial_keys, modes = ((*KEYS, "coverage"), ("bilinear", "nearest", "bilinear")) if coverage else (
+        KEYS, ("bilinear", "nearest"))
     return Compose(
         [
             ScaleIntensityRanged("image", a_min=0.0, a_max=float(image_levels), b_min=0.0, b_max=1.0, dtype=np.float32),
-            *coverage,
             RandAffined(
                 spatial_keys,
                 spatial_size=window,
@@ -140,7 +137,7 @@ def training_transforms(window_size_vox: int, spacing_mm: float, image_levels: i
             ThresholdIntensityd("image", threshold=0.0, above=True, cval=0.0),
             EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
             EnsureTyped("label", data_type="tensor", dtype=torch.uint8, track_meta=False),
-            *([] if coverage_levels is None else [
+            *([] if not coverage else [
                 EnsureTyped("coverage", data_type="tensor", dtype=torch.float32, track_meta=False)]),
         ]
     )

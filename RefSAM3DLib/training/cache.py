@@ -11,7 +11,7 @@ bounding box, as every run's volume is) and is stored as
   xz-compressed: 2-3x smaller than 8-bit deflate, which is what keeps the whole cache near 40 MB;
 * ``label`` uint8 (D, H, W): index i >= 1 is ``structures[i - 1]``;
 * ``coverage`` uint8 (N, D, H, W), N the annotated structures present: how many of a voxel's
-  ``COVERAGE_LEVELS`` sub-voxels lie inside ``structures[n]`` (partial-volume targets,
+  ``coverage_levels`` sub-voxels lie inside ``structures[n]`` (partial-volume targets,
   :func:`preprocess.label_coverage_in_model_space`);
 * ``structures``: vocabulary keys, the case's annotated structures, then the dataset's
   certainly-absent structures (no voxels: trained as empty targets);
@@ -108,7 +108,8 @@ def preprocess_case(case: Case, model_config, path: Path) -> list[str]:
     # Only building the cache reads volumes: SimpleITK (volume_reader, preprocess) is not needed,
     # nor installed, where training runs from the cache alone (scripts/gpu_train.sh).
     from ..volume_reader import read_volume
-    from ..preprocess import IntensitySettings, label_coverage_in_model_space, labels_to_model_space, to_model_space
+    from ..preprocess import (COVERAGE_LEVELS, IntensitySettings, label_coverage_in_model_space,
+                              labels_to_model_space, to_model_space)
 
     volume = read_volume(case.image_path, modality=case.modality, frame=case.frame)
     labels = read_volume(case.label_path)
@@ -132,6 +133,7 @@ def preprocess_case(case: Case, model_config, path: Path) -> list[str]:
         image=_pack(np.round(image * IMAGE_LEVELS).astype(np.uint8)),
         label=_pack(label),
         coverage=_pack(coverage.reshape(-1, *label.shape[1:])),
+        coverage_levels=COVERAGE_LEVELS,
         shape=np.asarray(label.shape),
         structures=np.array(structures),
         annotated=annotated,
@@ -159,7 +161,7 @@ def _tmp(path: Path) -> Path:
 
 def load_case(path: Path | str) -> dict:
     """One cached case: ``image`` uint8 (D, H, W) levels 0..``IMAGE_LEVELS`` (intensity = level /
-    IMAGE_LEVELS), ``label`` uint8 (D, H, W), ``coverage`` uint8 (N, D, H, W) 0..``COVERAGE_LEVELS``,
+    IMAGE_LEVELS), ``label`` uint8 (D, H, W), ``coverage`` uint8 (N, D, H, W) 0..``coverage_levels`` (int),
     ``structures`` list of keys, ``annotated`` bool (N + 1,) and the identity fields."""
     with np.load(path, allow_pickle=False) as data:
         case = {k: data[k] for k in data.files}
@@ -169,6 +171,7 @@ def load_case(path: Path | str) -> dict:
         "image": _unpack(case["image"], shape),
         "label": _unpack(case["label"], shape),
         "coverage": coverage.reshape(-1, *shape),
+        "coverage_levels": int(case["coverage_levels"]),
         "structures": [str(s) for s in case["structures"]],
         "annotated": case["annotated"].astype(bool),
         **{k: str(case[k]) for k in ("case_id", "patient_id", "dataset", "modality")},

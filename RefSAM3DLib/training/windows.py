@@ -24,7 +24,6 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import crop_around, training_transforms
-from ..preprocess import COVERAGE_LEVELS
 from .cache import IMAGE_LEVELS, load_case
 
 # The word vocabulary.training_phrasings puts in its templates for the OTHER modality: a CT window
@@ -92,8 +91,7 @@ class WindowDataset(Dataset):
         # Crop a margin larger than the window so rotations and shifts do not pull in padding.
         self.crop_vox = int(np.ceil(window_size_vox * 1.25))
         self.partial_volume = partial_volume
-        self.transforms = training_transforms(window_size_vox, spacing_mm, IMAGE_LEVELS, augment,
-                                              COVERAGE_LEVELS if partial_volume else None)
+        self.transforms = training_transforms(window_size_vox, spacing_mm, IMAGE_LEVELS, augment, partial_volume)
 
     def __len__(self) -> int:
         return self.length
@@ -110,6 +108,8 @@ class WindowDataset(Dataset):
         centre = crop_centre(case, rng, self.background_prob)
         arrays = [case["image"][None], case["label"][None]] + ([case["coverage"]] if self.partial_volume else [])
         crops = dict(zip(("image", "label", "coverage"), crop_around(arrays, centre, self.crop_vox)))
+        if self.partial_volume:
+            crops["coverage"] = crops["coverage"].astype(np.float32) / case["coverage_levels"]
         self.transforms.set_random_state(seed=int(rng.integers(2**31 - 1)))
         window = self.transforms(crops)
         label = window["label"][0]
