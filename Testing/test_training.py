@@ -139,7 +139,7 @@ def test_cache_holds_model_space_case_with_its_annotated_structures(samples_dir,
     cases = load_cases({"name": "s", "root": ".", "modality": "MR", "include": ["chaos_t2spir_01"],
                         "structures": ["liver", "kidney_left"]}, samples_dir)
     manifest = build_cache(cases, {"chaos_t2spir_01": "train"}, config, tmp_path, progress=False)
-    case = load_case(tmp_path / manifest["cases"][0]["file"])
+    case = load_case(tmp_path / manifest["cases"][0]["file"], with_coverage=True)
     assert case["structures"] == ["liver", "kidney_left"]
     assert case["annotated"].tolist() == [False, True, True]  # index 0 is the background
 

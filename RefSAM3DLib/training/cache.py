@@ -159,19 +159,22 @@ def _tmp(path: Path) -> Path:
     return path.with_name(path.stem + ".tmp.npz")
 
 
-def load_case(path: Path | str) -> dict:
+def load_case(path: Path | str, with_coverage: bool = False) -> dict:
     """One cached case: ``image`` uint8 (D, H, W) levels 0..``IMAGE_LEVELS`` (intensity = level /
-    IMAGE_LEVELS), ``label`` uint8 (D, H, W), ``coverage`` uint8 (N, D, H, W) 0..``coverage_levels`` (int),
-    ``structures`` list of keys, ``annotated`` bool (N + 1,) and the identity fields."""
+    IMAGE_LEVELS), ``label`` uint8 (D, H, W), ``structures`` list of keys, ``annotated`` bool (N + 1,)
+    and the identity fields; ``with_coverage`` also ``coverage`` uint8 (N, D, H, W)
+    0..``coverage_levels`` (int), decoded only then (it is N times the label's size)."""
     with np.load(path, allow_pickle=False) as data:
         case = {k: data[k] for k in data.files}
     shape = tuple(int(n) for n in case["shape"])
-    coverage = _unpack(case["coverage"], (-1, *shape[1:]))
+    coverage = {}
+    if with_coverage:
+        coverage = {"coverage": _unpack(case["coverage"], (-1, *shape[1:])).reshape(-1, *shape),
+                    "coverage_levels": int(case["coverage_levels"])}
     return {
         "image": _unpack(case["image"], shape),
         "label": _unpack(case["label"], shape),
-        "coverage": coverage.reshape(-1, *shape),
-        "coverage_levels": int(case["coverage_levels"]),
+        **coverage,
         "structures": [str(s) for s in case["structures"]],
         "annotated": case["annotated"].astype(bool),
         **{k: str(case[k]) for k in ("case_id", "patient_id", "dataset", "modality")},

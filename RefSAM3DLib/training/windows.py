@@ -37,11 +37,13 @@ class CaseStore:
     Args:
         cache_dir: the cache folder.
         entries: manifest entries of the cases to serve.
+        with_coverage: also decode each case's coverage (partial-volume targets).
     """
 
-    def __init__(self, cache_dir: Path | str, entries: list[dict]) -> None:
+    def __init__(self, cache_dir: Path | str, entries: list[dict], with_coverage: bool = False) -> None:
         self.cache_dir = Path(cache_dir)
         self.entries = entries
+        self.with_coverage = with_coverage
         self._cases: dict[int, dict] = {}
 
     def __len__(self) -> int:
@@ -49,7 +51,7 @@ class CaseStore:
 
     def __getitem__(self, index: int) -> dict:
         if index not in self._cases:
-            self._cases[index] = load_case(self.cache_dir / self.entries[index]["file"])
+            self._cases[index] = load_case(self.cache_dir / self.entries[index]["file"], self.with_coverage)
         return self._cases[index]
 
 
