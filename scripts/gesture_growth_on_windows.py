@@ -30,7 +30,7 @@ from RefSAM3DLib.checkpoint import load_model  # noqa: E402
 from RefSAM3DLib.training.augment import DEFAULT_OPTIONS  # noqa: E402
 from RefSAM3DLib.training.cache import read_manifest  # noqa: E402
 from RefSAM3DLib.training.config import load_config, model_config  # noqa: E402
-from RefSAM3DLib.training.gestures import subset  # noqa: E402
+from RefSAM3DLib.training.gestures import jittered_box, subset  # noqa: E402
 from RefSAM3DLib.training.prepare import PROMPT_TABLE  # noqa: E402
 from RefSAM3DLib.training.prompts import PromptTable, TableTextEncoder  # noqa: E402
 from RefSAM3DLib.training.windows import CaseStore, WindowDataset  # noqa: E402
@@ -45,8 +45,7 @@ def whole_in_window(mask: torch.Tensor) -> bool:
 
 def first_gesture(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact box ``(1, 6)`` and the most interior voxel ``(1, 1, 3)`` of a ``(D, H, W)`` mask."""
-    coords = torch.nonzero(mask).float()
-    box = torch.cat([coords.min(dim=0).values, coords.max(dim=0).values])[None]
+    box = jittered_box(mask, 0.0)[None]
     click = torch.tensor(most_interior_voxel(mask.numpy()), dtype=torch.float32)[None, None]
     return box, click
 

@@ -294,7 +294,8 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
     weights = [t["dataset_weights"].get(e["dataset"], 1.0) for e in train_entries]
     samples_per_step = t["batch_size"] * world
     dataset = WindowDataset(
-        CaseStore(cache_dir, train_entries, with_coverage=t["partial_volume_targets"]), phrasings, model.config.window_size_vox, model.config.spacing_mm[0],
+        CaseStore(cache_dir, train_entries, with_coverage=t["partial_volume_targets"]), phrasings,
+        model.config.window_size_vox, model.config.spacing_mm[0],
         seed=t["seed"], length=(horizon - step) * samples_per_step, offset=step * samples_per_step,
         case_weights=weights, max_prompts=cfg["prompts"]["max_prompts"],
         background_prob=cfg["prompts"]["background_prob"],
@@ -347,7 +348,7 @@ def train(config: dict | str | Path, resume: bool = False, init: str | Path | No
                 loss_targets = batch["fraction"] if t["partial_volume_targets"] else batch["target"]
                 if gestures:
                     targets = [tg.to(device) for tg in batch["target"]]
-                    fractions = [tg.to(device) for tg in batch["fraction"]] if t["partial_volume_targets"] else None
+                    fractions = [tg.to(device) for tg in loss_targets] if t["partial_volume_targets"] else None
                     with autocast:
                         windows = step_module(image, batch["texts"], targets, fractions)
                     loss = sum(gesture_loss(loss_fn, pairs, gestures["weight"], device) for pairs in windows)
