@@ -219,3 +219,29 @@ def test_image_fusion_is_the_papers_convolution_over_mask_and_image(small_model)
                                                 pixel.image_conv.bias + decoder.mask_conv.bias, padding=1)
             expected = coarse[:, i] + decoder.out_conv(torch.nn.functional.gelu(hidden))[:, 0]
             assert torch.allclose(fused[:, i], expected, atol=1e-5)
+
+
+def test_with_local_clicks_a_text_prompts_click_reaches_no_token_and_a_no_text_prompts_does():
+    import dataclasses
+
+    from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
+
+    # Without the click prior and the gesture maps, the sparse token is a click's only way in.
+    config = dataclasses.replace(MODEL_CONFIGS["small"], click_prior=False, gesture_maps=False,
+                                 gesture_text_biases=False, local_clicks_with_text=True)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    size = config.window_size_vox
+    image = torch.rand(1, 1, size, size, size)
+    here, there = torch.tensor([[[20.0, 20.0, 20.0]]]), torch.tensor([[[60.0, 60.0, 60.0]]])
+    label = torch.tensor([[1]])
+    with torch.no_grad():
+        features = model.encode_image(image)
+        answers = {(text, name): model.decode(image, features, model.encode_prompts([text]), points_dhw=point,
+                                              point_labels=label)
+                   for text in ("liver", NO_TEXT_PROMPT) for name, point in (("here", here), ("there", there))}
+        model.config = dataclasses.replace(config, local_clicks_with_text=False)
+        as_token = model.decode(image, features, model.encode_prompts(["liver"]), points_dhw=here, point_labels=label)
+    assert torch.equal(answers["liver", "here"], answers["liver", "there"])
+    assert not torch.equal(answers[NO_TEXT_PROMPT, "here"], answers[NO_TEXT_PROMPT, "there"])
+    assert not torch.equal(as_token, answers["liver", "here"])

@@ -86,6 +86,12 @@ class ModelConfig:
         gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text (a
             gesture corrects a text answer, or draws the structure alone). False in checkpoints
             made before it existed; ``checkpoint.upgrade`` adds them at zero.
+        gesture_click_answers: the gesture maps' MLP also reads what the prompt answered at its
+            nearest clicks before they acted (a click that confirms the answer or corrects it).
+            False in checkpoints made before it existed; ``checkpoint.upgrade`` adds it at zero.
+        local_clicks_with_text: clicks of prompts with text act only through the click prior and
+            the gesture maps, not as sparse tokens (``RefSAM3D._token_labels``). A switch without
+            weights; False in checkpoints made before it existed.
     """
 
     name: str
@@ -118,6 +124,8 @@ class ModelConfig:
     click_prior: bool = False
     gesture_maps: bool = False
     gesture_text_biases: bool = False
+    gesture_click_answers: bool = False
+    local_clicks_with_text: bool = False
 
     @property
     def grid_tok(self) -> int:
