@@ -77,7 +77,6 @@ def build_untrained(
 ADDABLE_PARTS = {"token_logits": "mask_decoder.token_hypernetwork.", "click_prior": "mask_decoder.click_prior.",
                  "gesture_maps": "mask_decoder.gesture_maps.",
                  "gesture_text_biases": "mask_decoder.gesture_maps.text_",
-                 "gesture_click_answers": "mask_decoder.gesture_maps.click_answers_in.",
                  "local_clicks_with_text": "(no weights)"}
 """Config switches whose part can join a trained model, and the prefix of that part's weights
 (``local_clicks_with_text`` changes how clicks are read and brings none)."""
@@ -87,8 +86,8 @@ def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
     """``model`` rebuilt as ``config`` where they differ only by parts of ``ADDABLE_PARTS`` turned
     on: the weights carried over, the new parts at their initial values. ``token_logits`` starts at
     zero (every output unchanged); ``click_prior`` acts only on clicks (text-only outputs
-    unchanged); ``gesture_maps``, ``gesture_text_biases`` and ``gesture_click_answers`` start at
-    zero (every output unchanged); ``local_clicks_with_text`` changes answers to clicks with text.
+    unchanged); ``gesture_maps`` and ``gesture_text_biases`` start at zero (every output unchanged);
+    ``local_clicks_with_text`` changes answers to clicks with text.
     Any other pair: ``model`` as it is (callers compare model spaces and refuse what does not fit).
 
     Lets a run ``--init`` from a model made before the part existed (refsam3d-small-v6 had no token

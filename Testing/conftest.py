@@ -287,7 +287,7 @@ def _terminology_problem(terminologies_logic, entry: str) -> str:
 @pytest.fixture
 def model_gaining():
     """``model_gaining(part)`` -> (a ``small`` model without ``part``, that model grown by
-    ``checkpoint.upgrade`` to the ``small`` config with ``part``), both in eval mode, seeded."""
+    ``checkpoint.upgrade`` to the full ``small`` config), both in eval mode, seeded."""
     import dataclasses
 
     import torch
@@ -297,9 +297,8 @@ def model_gaining():
 
     def build(part: str):
         torch.manual_seed(0)
-        full = dataclasses.replace(MODEL_CONFIGS["small"], **{part: True})
-        older = build_model(dataclasses.replace(full, **{part: False})).eval()
-        return older, checkpoint.upgrade(older, full).eval()
+        older = build_model(dataclasses.replace(MODEL_CONFIGS["small"], **{part: False})).eval()
+        return older, checkpoint.upgrade(older, MODEL_CONFIGS["small"]).eval()
 
     return build
 

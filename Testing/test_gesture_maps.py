@@ -1,8 +1,7 @@
 """Gestures drawn as maps (model/gesture_maps.py): what each map says, the term stays on the crop
 the gesture reaches, padding and prompts without a gesture get none, gradients reach the MLP, its
-text biases tell prompts with text from those without, the click answers carry what the prompt
-answered at its clicks before they acted, and a model that gains the part (or its text biases or
-click answers) answers exactly as before until it trains."""
+text biases tell prompts with text from those without, and a model that gains the part (or its
+text biases) answers exactly as before until it trains."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import torch
 from conftest import assert_every_parameter_learns
 
 from RefSAM3DLib.model import MODEL_CONFIGS
-from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, GestureMaps, draw_maps, nearest_click_values
+from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, GestureMaps, draw_maps
 from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
 
 torch.set_num_threads(1)
@@ -36,40 +35,9 @@ def test_the_maps_mark_the_box_the_clicks_and_the_tissue_that_looks_like_the_cli
     assert torch.allclose(crop, maps[:, 8:, 4:, 2:])
 
 
-def test_each_voxel_carries_the_value_of_its_nearest_positive_and_nearest_negative_click():
-    values = torch.tensor([[0.5, -0.25, 0.75]])
-    clicks = torch.tensor([[5.0, 5.0, 5.0], [20.0, 20.0, 20.0], [30.0, 30.0, 30.0]])
-    maps = nearest_click_values(values, clicks, torch.tensor([1, 0, 1]), [0, 0, 0], (SIZE,) * 3)[0]
-    assert maps.shape == (2, SIZE, SIZE, SIZE)
-    assert maps[0, 6, 5, 5] == 0.5 and maps[0, 28, 30, 30] == 0.75 and maps[0, 20, 20, 20] == 0.75
-    assert (maps[1] == -0.25).all()  # one negative click: nearest everywhere
-    crop = nearest_click_values(values, clicks, torch.tensor([1, 0, 1]), [8, 4, 2], (10, 10, 10))[0]
-    assert torch.equal(crop, maps[:, 8:18, 4:14, 2:12])
-    positives_only = nearest_click_values(values[:, :1], clicks[:1], torch.tensor([1]), [0, 0, 0], (SIZE,) * 3)[0]
-    assert (positives_only[1] == 0).all() and (positives_only[0] == 0.5).all()
-
-
-def test_the_click_answers_read_the_answer_at_the_clicks_before_they_acted():
-    head = trained_head(click_answers=True)
-    features, coarse = torch.randn(1, 4, SIZE, SIZE, SIZE), torch.randn(1, 1, SIZE, SIZE, SIZE)
-    points, labels = torch.tensor([[[20.0, 20.0, 20.0]]]), torch.tensor([[1]])
-    at_click, elsewhere = coarse.clone(), coarse.clone()
-    at_click[0, 0, 20, 20, 20] += 10.0
-    elsewhere[0, 0, 25, 20, 20] += 10.0
-    with torch.no_grad():
-        answers = [head(features, coarse, points, labels, None, before_clicks=before)
-                   for before in (coarse, at_click, elsewhere)]
-        unread = trained_head(click_answers=False)(features, coarse, points, labels, None)
-    assert not torch.equal(answers[0], answers[1])  # the answer at the click matters...
-    assert torch.equal(answers[0], answers[2])  # ... the answer elsewhere does not
-    assert not torch.equal(answers[0], unread)
-
-
-def trained_head(click_answers: bool = False) -> GestureMaps:
+def trained_head() -> GestureMaps:
     torch.manual_seed(0)
-    head = GestureMaps(4, text_biases=True, click_answers=click_answers)
-    if click_answers:
-        torch.nn.init.normal_(head.click_answers_in.weight)
+    head = GestureMaps(4, text_biases=True)
     torch.nn.init.normal_(head.text_first_bias)
     torch.nn.init.normal_(head.text_last_bias)
     torch.nn.init.normal_(head.head[-1].weight)
@@ -95,9 +63,9 @@ def test_the_term_stays_on_the_crop_the_gesture_reaches_and_skips_prompts_withou
 
 
 def test_gradients_reach_every_weight_of_the_mlp():
-    head = trained_head(click_answers=True)
+    head = trained_head()
     features = torch.randn(1, 4, SIZE, SIZE, SIZE)
-    out = head(features, torch.full((1, 1, SIZE, SIZE, SIZE), 2.0), torch.tensor([[[20.0, 20.0, 20.0]]]),
+    out = head(features, torch.zeros(1, 1, SIZE, SIZE, SIZE), torch.tensor([[[20.0, 20.0, 20.0]]]),
                torch.tensor([[1]]), torch.tensor([[10.0, 10.0, 10.0, 30.0, 30.0, 30.0]]))
     out.sum().backward()
     assert_every_parameter_learns(head)
@@ -150,20 +118,3 @@ def test_a_model_gaining_the_text_biases_answers_exactly_as_before_until_it_trai
         torch.nn.init.normal_(grown.mask_decoder.gesture_maps.text_last_bias)
         assert not torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
         assert torch.equal(older(image, [NO_TEXT_PROMPT], **gesture), grown(image, [NO_TEXT_PROMPT], **gesture))
-
-
-def test_a_model_gaining_the_click_answers_answers_exactly_as_before_until_it_trains(model_gaining):
-    older, grown = model_gaining("gesture_click_answers")
-    assert set(grown.trainable_state_dict()) - set(older.trainable_state_dict()) == {
-        "mask_decoder.gesture_maps.click_answers_in.weight"}
-    size = MODEL_CONFIGS["small"].window_size_vox
-    image = torch.rand(1, 1, size, size, size)
-    clicks = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]))
-    box = dict(boxes_dhw=torch.tensor([[30.0, 30.0, 30.0, 50.0, 50.0, 50.0]]))
-    with torch.no_grad():
-        torch.nn.init.normal_(older.mask_decoder.gesture_maps.head[-1].weight)  # a trained MLP, in both
-        grown.mask_decoder.gesture_maps.head.load_state_dict(older.mask_decoder.gesture_maps.head.state_dict())
-        assert torch.equal(older(image, ["liver"], **clicks, **box), grown(image, ["liver"], **clicks, **box))
-        torch.nn.init.normal_(grown.mask_decoder.gesture_maps.click_answers_in.weight)
-        assert torch.equal(older(image, ["liver"], **box), grown(image, ["liver"], **box))  # no click, no answer
-        assert not torch.equal(older(image, ["liver"], **clicks), grown(image, ["liver"], **clicks))

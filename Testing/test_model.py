@@ -245,3 +245,17 @@ def test_with_local_clicks_a_text_prompts_click_reaches_no_token_and_a_no_text_p
     assert torch.equal(answers["liver", "here"], answers["liver", "there"])
     assert not torch.equal(answers[NO_TEXT_PROMPT, "here"], answers[NO_TEXT_PROMPT, "there"])
     assert not torch.equal(as_token, answers["liver", "here"])
+
+
+def test_a_model_gaining_local_clicks_answers_text_as_before_and_clicks_with_text_differently(model_gaining):
+    from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
+
+    older, grown = model_gaining("local_clicks_with_text")
+    assert grown.config.local_clicks_with_text and not older.config.local_clicks_with_text
+    size = MODEL_CONFIGS["small"].window_size_vox
+    image = torch.rand(1, 1, size, size, size)
+    click = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]))
+    with torch.no_grad():
+        assert torch.equal(older(image, ["liver"]), grown(image, ["liver"]))
+        assert torch.equal(older(image, [NO_TEXT_PROMPT], **click), grown(image, [NO_TEXT_PROMPT], **click))
+        assert not torch.equal(older(image, ["liver"], **click), grown(image, ["liver"], **click))

@@ -86,12 +86,11 @@ class ModelConfig:
         gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text (a
             gesture corrects a text answer, or draws the structure alone). False in checkpoints
             made before it existed; ``checkpoint.upgrade`` adds them at zero.
-        gesture_click_answers: the gesture maps' MLP also reads what the prompt answered at its
-            nearest clicks before they acted (a click that confirms the answer or corrects it).
-            False in checkpoints made before it existed; ``checkpoint.upgrade`` adds it at zero.
         local_clicks_with_text: clicks of prompts with text act only through the click prior and
             the gesture maps, not as sparse tokens (``RefSAM3D._token_labels``). A switch without
-            weights; False in checkpoints made before it existed.
+            weights; False in checkpoints made before it existed. On in ``small`` since
+            refsam3d-small-v13 (v12's weights); off in ``vit_b``, whose click tokens come from SAM's
+            prompt encoder and have not been measured either way.
     """
 
     name: str
@@ -124,7 +123,6 @@ class ModelConfig:
     click_prior: bool = False
     gesture_maps: bool = False
     gesture_text_biases: bool = False
-    gesture_click_answers: bool = False
     local_clicks_with_text: bool = False
 
     @property
@@ -277,6 +275,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         click_prior=True,
         gesture_maps=True,
         gesture_text_biases=True,
+        local_clicks_with_text=True,
     ),
     "vit_b": ModelConfig(
         name="vit_b",

@@ -22,13 +22,7 @@ the MLP also knows whether the prompt has text: a prompt with text gets its own 
 first and the last layer. With text a gesture corrects an answer that is mostly right; without it
 the gesture must draw the whole structure; one MLP that could not tell them apart learned to push
 every gestured logit up (refsam3d-small-v11: text + box + click grew the kidneys of the very
-patients it trained on to 1.1-1.3x their volume). With ``click_answers`` it also reads, at each
-voxel, what the prompt answered at its nearest positive and nearest negative click before the
-clicks acted (squashed as above; 0 without such a click): a positive click where the answer is
-already yes confirms the structure, one where it is no says it was missed. Without that, a voxel
-at a structure's edge next to a click looks the same in both cases, and refsam3d-small-v12 grew
-kidneys that text already had right (1.02x -> 1.08x their volume on its own training windows).
-The MLP's last layer
+patients it trained on to 1.1-1.3x their volume). The MLP's last layer
 starts at zero, so a model that gains this part answers exactly as before until it trains, and a
 prompt without a gesture gets no term (text-only answers never depend on it). The term is computed
 only on the crop of the window that the gesture reaches (the box grown by ``BOX_REACH_VOX``, each
@@ -68,12 +62,9 @@ class GestureMaps(nn.Module):
         text_biases: prompts with text get their own first- and last-layer biases (added to the
             shared ones). Zero at first, so that a model gaining them (``checkpoint.upgrade``)
             answers as before until it trains.
-        click_answers: the first layer also reads the answers at the nearest clicks (module doc),
-            through its own weights, zero at first for the same reason.
     """
 
-    def __init__(self, pixel_dim: int, hidden: int = 16, text_biases: bool = False,
-                 click_answers: bool = False) -> None:
+    def __init__(self, pixel_dim: int, hidden: int = 16, text_biases: bool = False) -> None:
         super().__init__()
         self.head = nn.Sequential(
             nn.Conv3d(pixel_dim + MAP_CHANNELS + 1, hidden, kernel_size=1), nn.GELU(),
@@ -84,13 +75,10 @@ class GestureMaps(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
         self.text_first_bias = nn.Parameter(torch.zeros(hidden)) if text_biases else None
         self.text_last_bias = nn.Parameter(torch.zeros(1)) if text_biases else None
-        self.click_answers_in = nn.Conv3d(2, hidden, kernel_size=1, bias=False) if click_answers else None
-        if self.click_answers_in is not None:
-            nn.init.zeros_(self.click_answers_in.weight)
 
     def forward(self, pixel_features: torch.Tensor, coarse: torch.Tensor, points_dhw: torch.Tensor | None,
                 point_labels: torch.Tensor | None, boxes_dhw: torch.Tensor | None,
-                has_text: Sequence[bool] | None = None, before_clicks: torch.Tensor | None = None) -> torch.Tensor:
+                has_text: Sequence[bool] | None = None) -> torch.Tensor:
         """
         Args:
             pixel_features: (B, C_pix, D, H, W) shared pixel features of B windows.
@@ -99,8 +87,6 @@ class GestureMaps(nn.Module):
             point_labels: (P, N) 1 positive, 0 negative, -1 padding; None = all positive.
             boxes_dhw: (P, 6) boxes (d0, h0, w0, d1, h1, w1) in window voxels, or None.
             has_text: P bools, whether each prompt has text; None = all have.
-            before_clicks: (B, P, D, H, W) the coarse logits before any click acted on them, for
-                ``click_answers``; None = ``coarse``.
 
         Returns:
             (B, P, D, H, W) float32: ``coarse`` plus each gestured prompt's term on its crop.
@@ -119,11 +105,6 @@ class GestureMaps(nn.Module):
                 maps = draw_maps(features, clicks, labels, box, [s.start for s in crop])
                 answer = torch.tanh(corrected[i][:, None][region] / LOGIT_SQUASH)
                 hidden = self.head[0](torch.cat([features, maps, answer], dim=1))
-                if self.click_answers_in is not None and len(clicks):
-                    unclicked = (coarse if before_clicks is None else before_clicks)[:, i]
-                    at_clicks = torch.tanh(_values_at(unclicked.detach(), clicks) / LOGIT_SQUASH)  # (B, N)
-                    hidden = hidden + self.click_answers_in(
-                        nearest_click_values(at_clicks, clicks, labels, [s.start for s in crop], answer.shape[2:]))
                 with_text = self.text_first_bias is not None and (has_text is None or bool(has_text[i]))
                 if with_text:
                     hidden = hidden + self.text_first_bias.view(1, -1, 1, 1, 1)
@@ -163,48 +144,6 @@ def _reach(clicks: torch.Tensor, box: torch.Tensor | None, size) -> tuple[slice,
     return tuple(slice(max(a, 0), min(b + 1, s)) for a, b, s in zip(low, high, size))
 
 
-def _values_at(volumes: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) volumes read at the (N, 3) click voxels (rounded, clamped): (B, N)."""
-    limit = torch.tensor(volumes.shape[1:], device=volumes.device) - 1
-    voxels = torch.minimum(clicks.to(volumes.device).round().long().clamp(min=0), limit)
-    return volumes[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]]
-
-
-def _crop_grid(shape, origin: list[int], device) -> torch.Tensor:
-    """(d, h, w, 3) window coordinates of a crop's voxels."""
-    axes = [torch.arange(n, dtype=torch.float32, device=device) + o for n, o in zip(shape, origin)]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-
-
-def _nearest(grid: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance to, and index of, the nearest of the (N, 3) ``chosen`` clicks: (d, h, w) each."""
-    return ((grid[..., None, :] - chosen) ** 2).sum(dim=-1).min(dim=-1)
-
-
-def nearest_click_values(values: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor, origin: list[int],
-                         shape) -> torch.Tensor:
-    """Each crop voxel's value of its nearest positive and its nearest negative click.
-
-    Args:
-        values: (B, N) one number per click.
-        clicks: (N, 3) click voxels in window coordinates; labels: (N,) 1 positive, 0 negative.
-        origin: the crop's first voxel (d, h, w) in the window; shape: the crop's (d, h, w).
-
-    Returns:
-        (B, 2, d, h, w) float32: positive, negative; 0 where the prompt has no click of that kind.
-    """
-    grid = _crop_grid(shape, origin, values.device)
-    channels = []
-    for kind in (1, 0):
-        chosen = labels.to(values.device) == kind
-        if not chosen.any():
-            channels.append(torch.zeros((values.shape[0], *shape), device=values.device))
-            continue
-        _, nearest = _nearest(grid, clicks.to(values.device)[chosen])
-        channels.append(values[:, chosen][:, nearest])
-    return torch.stack(channels, dim=1)
-
-
 def draw_maps(features: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor, box: torch.Tensor | None,
               origin: list[int]) -> torch.Tensor:
     """The gesture's ``MAP_CHANNELS`` maps on a crop (module doc for their meaning).
@@ -220,7 +159,8 @@ def draw_maps(features: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor
     """
     batch, _, *shape = features.shape
     device = features.device
-    grid = _crop_grid(shape, origin, device)
+    axes = [torch.arange(n, dtype=torch.float32, device=device) + o for n, o in zip(shape, origin)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (d, h, w, 3)
     maps = [torch.zeros(shape, device=device) if box is None else _box_map(grid, box.to(device))]
     unit = features / features.norm(dim=1, keepdim=True).clamp(min=1e-6)
     near, far, like = [], [], []
@@ -231,7 +171,8 @@ def draw_maps(features: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor
             far.append(torch.zeros(shape, device=device))
             like.append(torch.zeros((batch, *shape), device=device))
             continue
-        nearest_squared, nearest = _nearest(grid, chosen)
+        squared = ((grid[..., None, :] - chosen) ** 2).sum(dim=-1)  # (d, h, w, N)
+        nearest_squared, nearest = squared.min(dim=-1)
         near.append(torch.exp(-nearest_squared / (2 * NEAR_SIGMA_VOX ** 2)))
         far.append(torch.exp(-nearest_squared / (2 * FAR_SIGMA_VOX ** 2)))
         inside = (chosen.round().long() - torch.tensor(origin, device=device)).clamp(min=0)

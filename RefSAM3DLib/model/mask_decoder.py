@@ -135,12 +135,11 @@ class MaskDecoder3D(nn.Module):
         click_prior: correct the coarse logits at and around clicks (``click_prior.ClickPrior``).
         gesture_maps: correct them from the gestures drawn as maps (``gesture_maps.GestureMaps``).
         gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text.
-        gesture_click_answers: the gesture maps' MLP reads the answers at the nearest clicks.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int,
                  token_logits: bool = False, click_prior: bool = False, gesture_maps: bool = False,
-                 gesture_text_biases: bool = False, gesture_click_answers: bool = False) -> None:
+                 gesture_text_biases: bool = False) -> None:
         super().__init__()
         self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
         self.mask_token = nn.Embedding(1, dim)
@@ -153,8 +152,7 @@ class MaskDecoder3D(nn.Module):
             nn.init.zeros_(self.token_hypernetwork.layers[-1].weight)
             nn.init.zeros_(self.token_hypernetwork.layers[-1].bias)
         self.click_prior = ClickPrior(pixel_dim) if click_prior else None
-        self.gesture_maps = GestureMaps(pixel_dim, text_biases=gesture_text_biases,
-                                        click_answers=gesture_click_answers) if gesture_maps else None
+        self.gesture_maps = GestureMaps(pixel_dim, text_biases=gesture_text_biases) if gesture_maps else None
 
     def forward(
         self,
@@ -200,12 +198,11 @@ class MaskDecoder3D(nn.Module):
             token_logit = torch.einsum("bnc,bc->bn", image_tokens, self.token_hypernetwork(hs[:, 0]))
             token_logit = token_logit.reshape(b, p, *embedding.shape[2:])
             coarse = coarse + trilinear_upsample(token_logit, pixel_features.shape[2:])
-        coarse = before_clicks = coarse.float()
+        coarse = coarse.float()
         if self.click_prior is not None and points_dhw is not None:
             coarse = self.click_prior(pixel_features, coarse, points_dhw, point_labels)
         if self.gesture_maps is not None and (points_dhw is not None or boxes_dhw is not None):
-            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw, has_text,
-                                       before_clicks)
+            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw, has_text)
         return self._fuse_with_image(coarse, image_term.float())
 
     def _fuse_with_image(self, coarse: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:
