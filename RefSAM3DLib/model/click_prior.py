@@ -106,4 +106,13 @@ class ClickPrior(nn.Module):
     def _unit_features(self, pixel_features: torch.Tensor) -> torch.Tensor:
         """(B, C, d, h, w) pixel features -> (B, d, h, w, C) projected and of unit length."""
         features = self.projection(pixel_features.float().movedim(1, -1))
-        return features / features.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        return unit_vectors(features, dim=-1)
+
+
+def unit_vectors(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` divided by its length along ``dim`` (at least 1e-6).
+
+    The length is summed by hand: on CPU (torch 2.14), ``Tensor.norm`` over the 8 channels of a
+    gesture's crop took ~90 ms where the sum of squares takes ~1.5 ms, a fifth of a gesture's time.
+    """
+    return x / (x * x).sum(dim=dim, keepdim=True).sqrt().clamp(min=1e-6)

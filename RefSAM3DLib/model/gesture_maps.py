@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .click_prior import unit_vectors
+
 NEAR_SIGMA_VOX = 2.0
 """Gaussian reach of a click's near map, in model voxels (6 mm for ``small``)."""
 FAR_SIGMA_VOX = 6.0
@@ -162,7 +164,7 @@ def draw_maps(features: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor
     axes = [torch.arange(n, dtype=torch.float32, device=device) + o for n, o in zip(shape, origin)]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (d, h, w, 3)
     maps = [torch.zeros(shape, device=device) if box is None else _box_map(grid, box.to(device))]
-    unit = features / features.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    unit = unit_vectors(features, dim=1)
     near, far, like = [], [], []
     for kind in (1, 0):
         chosen = clicks[labels.to(clicks.device) == kind].to(device)
