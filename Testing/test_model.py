@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from RefSAM3DLib.checkpoint import build_untrained
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.model import MODEL_CONFIGS, build_model, parameter_report
+from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
 
 torch.set_num_threads(1)
 PROMPTS = ["liver", "spleen", "left kidney"]
@@ -163,8 +166,6 @@ def test_small_is_a_hybrid_with_stem_skips_and_vit_b_keeps_sams_patch_embedding(
 
 
 def test_stem_deeper_than_the_patch_is_a_config_error():
-    import dataclasses
-
     with pytest.raises(RefSAM3DError, match="stem_channels"):
         dataclasses.replace(MODEL_CONFIGS["small"], stem_channels=(4, 8, 16, 32)).validate()
 
@@ -222,10 +223,6 @@ def test_image_fusion_is_the_papers_convolution_over_mask_and_image(small_model)
 
 
 def test_with_local_clicks_a_text_prompts_click_reaches_no_token_and_a_no_text_prompts_does():
-    import dataclasses
-
-    from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
-
     # Without the click prior and the gesture maps, the sparse token is a click's only way in.
     config = dataclasses.replace(MODEL_CONFIGS["small"], click_prior=False, gesture_maps=False,
                                  gesture_text_biases=False, local_clicks_with_text=True)
@@ -248,8 +245,6 @@ def test_with_local_clicks_a_text_prompts_click_reaches_no_token_and_a_no_text_p
 
 
 def test_a_model_gaining_local_clicks_answers_text_as_before_and_clicks_with_text_differently(model_gaining):
-    from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
-
     older, grown = model_gaining("local_clicks_with_text")
     assert grown.config.local_clicks_with_text and not older.config.local_clicks_with_text
     size = MODEL_CONFIGS["small"].window_size_vox
