@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prompt_encoder import click_labels
+
 INITIAL_MARGIN = 4.0
 """Logit a click brings its own voxel to (sign of the click), before training."""
 INITIAL_SIGMA_VOX = 6.0
@@ -73,8 +75,7 @@ class ClickPrior(nn.Module):
         with torch.autocast(pixel_features.device.type, enabled=False):
             batch, p = coarse.shape[:2]
             size = coarse.shape[2:]
-            labels = torch.ones(points_dhw.shape[:2], dtype=torch.long, device=points_dhw.device) \
-                if point_labels is None else point_labels.long()
+            labels = click_labels(points_dhw, point_labels)
             limit = torch.tensor(size, device=points_dhw.device) - 1
             voxels = torch.minimum(points_dhw.round().long().clamp(min=0), limit)  # (P, N, 3)
             corrected = list(coarse.unbind(dim=1))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .click_prior import unit_vectors
+from .prompt_encoder import click_labels
 
 NEAR_SIGMA_VOX = 2.0
 """Gaussian reach of a click's near map, in model voxels (6 mm for ``small``)."""
@@ -123,8 +124,7 @@ def _prompt_clicks(points_dhw, point_labels, i: int) -> tuple[torch.Tensor, torc
     """Prompt ``i``'s real clicks ``(N, 3)`` float and labels ``(N,)`` (padding dropped)."""
     if points_dhw is None:
         return torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
-    labels = torch.ones(points_dhw.shape[1], dtype=torch.long, device=points_dhw.device) \
-        if point_labels is None else point_labels[i].long()
+    labels = click_labels(points_dhw, point_labels)[i]
     real = labels >= 0
     return points_dhw[i][real].float(), labels[real]
 

@@ -19,6 +19,13 @@ NO_TEXT_PROMPT = "the structure at this point"
 decodes with a text embedding; this one names no structure)."""
 
 
+def click_labels(points_dhw: torch.Tensor, point_labels: torch.Tensor | None) -> torch.Tensor:
+    """(P, N) long click labels (1 positive, 0 negative, -1 padding) for (P, N, 3) clicks; None = all positive."""
+    if point_labels is None:
+        return torch.ones(points_dhw.shape[:-1], dtype=torch.long, device=points_dhw.device)
+    return point_labels.long()
+
+
 class PositionEmbeddingRandom3D(PositionEmbeddingRandom):
     """Random-Fourier positional encoding of 3D coordinates.
 
@@ -78,8 +85,7 @@ class SpatialPromptEncoder(nn.Module):
         tokens = []
         if points_dhw is not None:
             emb = self.pe.points(points_dhw, size_vox)
-            labels = torch.ones(points_dhw.shape[:-1], dtype=torch.long, device=points_dhw.device) \
-                if point_labels is None else point_labels.long()
+            labels = click_labels(points_dhw, point_labels)
             emb = torch.where((labels == -1)[..., None], self.not_a_point.weight[0], emb)
             emb = emb + self.point_embeddings(labels.clamp(min=0)) * (labels >= 0)[..., None]
             tokens.append(emb)

@@ -25,7 +25,7 @@ from ..errors import RefSAM3DError
 from .config import ModelConfig
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D, PixelDecoder
-from .prompt_encoder import NO_TEXT_PROMPT, PositionEmbeddingRandom3D, SpatialPromptEncoder
+from .prompt_encoder import NO_TEXT_PROMPT, PositionEmbeddingRandom3D, SpatialPromptEncoder, click_labels
 from .prompt_fusion import CrossModalProjector, HierarchicalCrossAttention
 from .text_encoder import TextEncoder
 
@@ -185,8 +185,7 @@ class RefSAM3D(nn.Module):
         token); without text the token is what finds the structure."""
         if not self.config.local_clicks_with_text or points_dhw is None:
             return point_labels
-        labels = torch.ones(points_dhw.shape[:-1], dtype=torch.long, device=points_dhw.device) \
-            if point_labels is None else point_labels.long()
+        labels = click_labels(points_dhw, point_labels)
         with_text = torch.tensor(has_text, device=labels.device)[:, None]
         return torch.where(with_text, torch.full_like(labels, -1), labels)
 
