@@ -9,14 +9,16 @@ The 3D version of SAM's ``SamPredictor`` (``set_image`` once, ``predict`` many t
 
 Spatial prompts are RAS millimetres (Slicer's world space); :mod:`RefSAM3DLib.geometry` takes
 them to model-space voxels. Each window is decoded with the points that fall inside it and the
-box clipped to it; a window the gesture does not touch is decoded from the text alone (or, with no
-text, contributes nothing). Windows are those of the engine (MONAI's sliding window with Gaussian
-blending), so a text-only answer equals :func:`RefSAM3DLib.inference.segment`'s.
+box clipped to it; a window the gesture does not touch answers from the text alone (kept from the
+prompt's first answer), or, with no text or beyond a box's reach, contributes nothing. Windows
+are those of the engine (MONAI's sliding window with Gaussian blending), so a text-only answer
+equals :func:`RefSAM3DLib.inference.segment`'s.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -61,9 +63,9 @@ def spatial_prompts_on_grid(volume: Volume, grid, points_ras, box_ras) -> tuple[
     return points_dhw, box_dhw
 
 
-def inside_box(probabilities_dhw: torch.Tensor, box_dhw: np.ndarray, margin: float = BOX_MARGIN) -> torch.Tensor:
-    """``probabilities_dhw`` (D, H, W) with everything outside the box ``(d0, h0, w0, d1, h1, w1)``
-    (model-space voxels), grown by ``margin`` of its extent on each side (at least 2 voxels), set to 0.
+def box_reach(box_dhw: np.ndarray, shape_dhw, margin: float = BOX_MARGIN) -> tuple[slice, slice, slice]:
+    """The voxels of a ``shape_dhw`` grid that a box ``(d0, h0, w0, d1, h1, w1)`` (voxels) keeps:
+    the box grown by ``margin`` of its extent on each side (at least 2 voxels).
 
     A box says where the structure is, as SAM's box prompt does: windows the box misses would
     otherwise answer from the text alone and keep whatever the text found far away. The margin
@@ -71,9 +73,14 @@ def inside_box(probabilities_dhw: torch.Tensor, box_dhw: np.ndarray, margin: flo
     low, high = np.asarray(box_dhw[:3], dtype=np.float64), np.asarray(box_dhw[3:], dtype=np.float64)
     grow = np.maximum(margin * (high - low + 1.0), 2.0)
     start = np.maximum(np.floor(low - grow), 0).astype(int)
-    stop = np.minimum(np.ceil(high + grow) + 1, probabilities_dhw.shape).astype(int)
+    stop = np.minimum(np.ceil(high + grow) + 1, shape_dhw).astype(int)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def inside_box(probabilities_dhw: torch.Tensor, box_dhw: np.ndarray, margin: float = BOX_MARGIN) -> torch.Tensor:
+    """``probabilities_dhw`` (D, H, W) with everything outside ``box_reach`` of the box set to 0."""
     kept = torch.zeros_like(probabilities_dhw)
-    region = tuple(slice(a, b) for a, b in zip(start, stop))
+    region = box_reach(box_dhw, probabilities_dhw.shape, margin)
     kept[region] = probabilities_dhw[region]
     return kept
 
@@ -81,10 +88,11 @@ def inside_box(probabilities_dhw: torch.Tensor, box_dhw: np.ndarray, margin: flo
 def check_cache_memory(shape_dhw, config, overlap: float, device: torch.device) -> None:
     """Refuse, before encoding, a feature cache that cannot fit where it is kept (``device``).
 
-    Per window: the full-resolution pixel features and image fusion term (float32) dominate.
+    Per window: the full-resolution pixel features and image fusion term (float32) dominate, with
+    one prompt's text-only answer (``InteractiveSession._PromptCache``).
     """
     window = config.window_size_vox
-    per_window = 4 * window**3 * (config.upsample_channels[-1] + config.fusion_channels)
+    per_window = 4 * window**3 * (config.upsample_channels[-1] + config.fusion_channels + 1)
     needed = count_windows([max(s, window) for s in shape_dhw], window, overlap) * per_window
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
     if free is not None and needed > free:
@@ -104,8 +112,13 @@ class InteractiveSession:
             and clean-up.
         progress: called with ``(fraction, message)`` as windows are encoded.
 
-    Memory: the cache holds each window's ImageFeatures on ``device`` (small config: ~45 MB per 96^3
-    window; vit_b: ~170 MB per 128^3 window), checked against the free memory before encoding.
+    Memory: the cache holds each window's ImageFeatures on ``device`` and, for the prompt being
+    refined, its text-only answer (small config: ~34 MB per 96^3 window with bfloat16 features;
+    vit_b: ~170 MB per 128^3 window), checked against the free memory before encoding.
+
+    Speed: a gesture decodes only the windows it touches (a click's windows, a box's windows with
+    those within its reach); the others give the prompt's text-only answer, kept from its first
+    answer, and text embeddings are kept per window too. Every answer equals one computed afresh.
     """
 
     def __init__(self, volume: Volume, model=None, options: RunOptions = RunOptions(), progress=None) -> None:
@@ -125,6 +138,7 @@ class InteractiveSession:
         self.model_shape_dhw = image_dhw.shape
         self._image = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[None, None]
         self._features: dict[tuple[int, int, int], object] = {}
+        self._cache: _PromptCache | None = None
         self._encode_all_windows(progress)
         self.encode_s = time.perf_counter() - started
 
@@ -140,6 +154,8 @@ class InteractiveSession:
         def encode(windows: torch.Tensor, slices) -> torch.Tensor:
             with network_precision(self.device):
                 features = self.model.encode_image(windows)
+            # The fusion reads the image term in float32 at every answer: convert it once here.
+            features.image_term = features.image_term.float()
             for b, window_slices in enumerate(slices):
                 self._features[_window_start(window_slices)] = features.select(b)
             if progress is not None:
@@ -202,17 +218,26 @@ class InteractiveSession:
         points_dhw, box_model_dhw = spatial_prompts_on_grid(self.volume, self.grid.model, points_ras, box_ras)
         points_dhw = points_dhw + self.pad_before
         box_dhw = None if box_model_dhw is None else box_model_dhw + np.tile(self.pad_before, 2)
-        with torch.no_grad():
-            embeddings = self.model.encode_prompts([p.text for p in parsed])
+        cache = self._prompt_cache(tuple(p.text for p in parsed))
+        reach = None if box_dhw is None else box_reach(box_dhw, self._image.shape[2:])
 
         def decode(windows: torch.Tensor, slices) -> torch.Tensor:
             start = _window_start(slices[0])
             spatial_args = self._window_prompts(start, points_dhw, labels, box_dhw)
-            if not has_text and not spatial_args:  # no text and nothing here: not the structure
+            if (not has_text and not spatial_args) or not _meets(start, self.window, reach):
+                # No text and nothing here: not the structure. Beyond the box's reach: cleared anyway.
                 return torch.zeros((1, 1) + windows.shape[2:], device=windows.device)
-            with network_precision(self.device):
-                logits = self.model.decode(windows, self._features[start], embeddings, **spatial_args)
-            return torch.sigmoid(logits.float())
+            if spatial_args or start not in cache.answers:
+                with network_precision(self.device):
+                    if start not in cache.dense:
+                        cache.dense[start] = self.model.text_dense(self._features[start], cache.embeddings)
+                    logits = self.model.decode(windows, self._features[start], cache.embeddings,
+                                               dense=cache.dense[start], **spatial_args)
+                probabilities = torch.sigmoid(logits.float())
+                if spatial_args:
+                    return probabilities
+                cache.answers[start] = probabilities
+            return cache.answers[start].clone()  # MONAI weights what it is given in place
 
         probabilities = self._sliding(decode, 1)  # (P, D, H, W), padded
         d, h, w = self.pad_before
@@ -229,6 +254,15 @@ class InteractiveSession:
             elapsed_s=time.perf_counter() - started, warnings=warnings, label_map=label_map,
         )
 
+    def _prompt_cache(self, texts: tuple[str, ...]) -> "_PromptCache":
+        """What the prompts ``texts`` cost once per window, kept while they are refined: a gesture
+        recomputes only the windows it touches. One set of prompts is kept (the next replaces it)."""
+        if self._cache is None or self._cache.texts != texts:
+            self._cache = None  # free the last prompt's answers before computing new ones
+            with torch.no_grad():
+                self._cache = _PromptCache(texts, self.model.encode_prompts(list(texts)))
+        return self._cache
+
     def _window_prompts(self, start, points_dhw: np.ndarray, labels: np.ndarray, box_dhw) -> dict:
         """The decoder's spatial arguments for the window at ``start``: its points and its part of
         the box, in window voxels (batch of one prompt); empty when the gesture misses it."""
@@ -242,6 +276,22 @@ class InteractiveSession:
         if local_box is not None:
             args["boxes_dhw"] = torch.as_tensor(local_box, dtype=torch.float32, device=self.device)[None]
         return args
+
+
+@dataclass
+class _PromptCache:
+    """One set of prompts' embeddings, per-window text dense embeddings ``(1, P, N, C)`` and
+    text-only answers ``(1, P, D, H, W)``, keyed by window start."""
+
+    texts: tuple[str, ...]
+    embeddings: object
+    dense: dict = field(default_factory=dict)
+    answers: dict = field(default_factory=dict)
+
+
+def _meets(start, window_size_vox: int, region) -> bool:
+    """Whether the window at ``start`` meets ``region`` (slices; None = everywhere)."""
+    return region is None or all(s < r.stop and s + window_size_vox > r.start for s, r in zip(start, region))
 
 
 def _window_start(window_slices) -> tuple[int, int, int]:

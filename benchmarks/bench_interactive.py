@@ -4,8 +4,10 @@
     python benchmarks/bench_interactive.py --device cuda --input ct.nii.gz --repeats 5
 
 Rows: the engine's full run of one text prompt (``segment``), the session's encoding (every window
-once), the session's text-only answer, and gestures (text + box + positive click; text + 3 clicks)
-answered from the cache. The ratio of a gesture to the full run is what the issue bounds (<= 0.1).
+once), the session's first text-only answer to a prompt, and gestures (text + box + positive click;
+text + 3 clicks) answered from the cache after that first answer, as a user refines it. The ratio of
+a gesture to the full run is what the issue bounds (<= 0.1). The gestures sit at the volume's
+centre, where they touch the most windows (all 8 of the bundled sample CT's).
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ def timed(function, repeats: int) -> float:
     return statistics.median(seconds)
 
 
+def first_answers(session: InteractiveSession, prompt: str, other_prompt: str, repeats: int) -> float:
+    """Median seconds of ``prompt``'s first text-only answer: each is preceded by an untimed answer
+    to ``other_prompt``, so the session has kept nothing of ``prompt``."""
+    seconds = []
+    for _ in range(repeats):
+        session.segment(other_prompt)
+        seconds.append(timed(lambda: session.segment(prompt), 1))
+    return statistics.median(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default=str(SAMPLE_CT))
@@ -60,6 +72,7 @@ def main() -> None:
     box = np.concatenate([point - 30.0, point + 30.0])
     clicks = [point, point + [10.0, 0.0, 0.0], point - [0.0, 10.0, 5.0]]
 
+    other_prompt = "liver" if args.prompt != "liver" else "spleen"
     full = timed(lambda: segment(volume, args.prompt, model=model, options=options), args.repeats)
     started = time.perf_counter()
     session = InteractiveSession(volume, model=model, options=options)
@@ -67,7 +80,7 @@ def main() -> None:
     rows = [
         ("full first run (segment, 1 prompt)", full),
         (f"session encoding ({session.window_count} windows)", encode),
-        ("cached: text alone", timed(lambda: session.segment(args.prompt), args.repeats)),
+        ("cached: text alone, first answer", first_answers(session, args.prompt, other_prompt, args.repeats)),
         ("cached: text + box + 1 click", timed(lambda: session.segment(args.prompt, points_ras=[point], box_ras=box),
                                                args.repeats)),
         ("cached: text + 3 clicks (+/-)", timed(lambda: session.segment(args.prompt, points_ras=clicks,

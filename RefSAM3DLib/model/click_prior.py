@@ -78,45 +78,69 @@ class ClickPrior(nn.Module):
             labels = click_labels(points_dhw, point_labels)
             limit = torch.tensor(size, device=points_dhw.device) - 1
             voxels = torch.minimum(points_dhw.round().long().clamp(min=0), limit)  # (P, N, 3)
+            sigmas = torch.exp(self.log_sigma_vox)  # (2,) negative, positive
+            reaches = [math.ceil(REACH_SIGMAS * float(sigma)) for sigma in sigmas.detach()]
             corrected = list(coarse.unbind(dim=1))
-            for i, j in torch.nonzero(labels >= 0).tolist():
-                kind = int(labels[i, j])
-                centre = voxels[i, j].tolist()
-                sign = 1.0 if kind == 1 else -1.0
-                # How wrong the mask is at the click, measured, not learned through.
-                amount = F.softplus(self.margin[kind] - sign * coarse[(slice(None), i, *centre)].detach())  # (B,)
-                sigma = torch.exp(self.log_sigma_vox[kind])
-                reach = math.ceil(REACH_SIGMAS * float(sigma.detach()))
-                low = [max(c - reach, 0) for c in centre]
-                high = [min(c + reach + 1, s) for c, s in zip(centre, size)]
-                crop = (slice(None), slice(None)) + tuple(slice(a, z) for a, z in zip(low, high))
-                features = self._unit_features(pixel_features[crop])  # (B, C, d, h, w)
-                at_click = features[(slice(None), slice(None), *[c - a for c, a in zip(centre, low)])]  # (B, C)
-                similarity = torch.einsum("bcdhw,bc->bdhw", features, at_click)
-                floor = self.floor[kind].clamp(max=0.95)
-                pull = torch.relu((similarity - floor) / (1.0 - floor))
-                gd, gh, gw = (torch.exp(-(torch.arange(a, z, dtype=torch.float32, device=coarse.device) - c) ** 2
-                                        / (2.0 * sigma ** 2)) for a, z, c in zip(low, high, points_dhw[i, j].tolist()))
-                nearness = gd[:, None, None] * gh[None, :, None] * gw[None, None, :]
-                term = sign * amount.view(batch, 1, 1, 1) * nearness * pull
+            for i in range(p):
+                clicks = torch.nonzero(labels[i] >= 0)[:, 0].tolist()
+                if not clicks:
+                    continue
+                # Every click of the prompt reads one crop's features (clicks of a gesture are
+                # close: three clicks cost one crop, not three).
+                crops = [self._click_crop(voxels[i, j].tolist(), reaches[int(labels[i, j])], size) for j in clicks]
+                low = [min(crop[0][axis] for crop in crops) for axis in range(3)]
+                high = [max(crop[1][axis] for crop in crops) for axis in range(3)]
+                features = self._projected(pixel_features[(slice(None), slice(None)) + _slices(low, high)])
+                inverse_length = inverse_lengths(features)  # (B, 1, d, h, w)
+                term = torch.zeros((batch, *[z - a for a, z in zip(low, high)]), device=coarse.device)
+                for j, (click_low, click_high) in zip(clicks, crops):
+                    kind = int(labels[i, j])
+                    centre = voxels[i, j].tolist()
+                    sign = 1.0 if kind == 1 else -1.0
+                    # How wrong the mask is at the click, measured, not learned through.
+                    amount = F.softplus(self.margin[kind] - sign * coarse[(slice(None), i, *centre)].detach())  # (B,)
+                    local = (slice(None), slice(None)) + _slices(
+                        [a - o for a, o in zip(click_low, low)], [z - o for z, o in zip(click_high, low)])
+                    at = (slice(None), slice(None), *[c - o for c, o in zip(centre, low)])
+                    at_click = features[at] * inverse_length[at]  # (B, C) of unit length
+                    similarity = torch.einsum("bcdhw,bc->bdhw", features[local], at_click)
+                    floor = self.floor[kind].clamp(max=0.95)
+                    # cos - floor, then relu; the scalars ride on the d axis's Gaussian (fewer passes).
+                    pull = torch.addcmul(-floor, similarity, inverse_length[local][:, 0]).relu_()
+                    scale = sign * amount / (1.0 - floor)  # (B,)
+                    gd, gh, gw = (torch.exp(-(torch.arange(a, z, dtype=torch.float32, device=coarse.device) - c) ** 2
+                                            / (2.0 * sigmas[kind] ** 2))
+                                  for a, z, c in zip(click_low, click_high, points_dhw[i, j].tolist()))
+                    nearness = (scale[:, None] * gd)[:, :, None, None] * (gh[:, None] * gw[None, :])
+                    term[local[1:]].addcmul_(pull, nearness)
                 # F.pad lists the last axis first: (w before, w after, h before, ..., d after).
                 padding = [n for a, z, s in reversed(list(zip(low, high, size))) for n in (a, s - z)]
                 corrected[i] = corrected[i] + F.pad(term, padding)
             return torch.stack(corrected, dim=1)
 
-    def _unit_features(self, pixel_features: torch.Tensor) -> torch.Tensor:
-        """(B, C, d, h, w) pixel features -> (B, C, d, h, w) projected and of unit length.
+    @staticmethod
+    def _click_crop(centre: list[int], reach: int, size) -> tuple[list[int], list[int]]:
+        """First and one-past-last voxel (d, h, w) of the window within ``reach`` of ``centre``."""
+        return [max(c - reach, 0) for c in centre], [min(c + reach + 1, s) for c, s in zip(centre, size)]
+
+    def _projected(self, pixel_features: torch.Tensor) -> torch.Tensor:
+        """(B, C, d, h, w) pixel features -> (B, C, d, h, w) projected, in float32.
 
         Channels first: on CPU, reductions over a last axis of 8 channels ran 2-5x slower (a
         click's 87^3 crop: 20 ms against 8 ms)."""
-        features = torch.einsum("oc,bcdhw->bodhw", self.projection.weight, pixel_features.float())
-        return unit_vectors(features, dim=1)
+        return torch.einsum("oc,bcdhw->bodhw", self.projection.weight, pixel_features.float())
 
 
-def unit_vectors(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x`` divided by its length along ``dim`` (at least 1e-6).
+def _slices(low, high) -> tuple[slice, slice, slice]:
+    return tuple(slice(a, z) for a, z in zip(low, high))
 
-    The length is summed by hand: on CPU (torch 2.14), ``Tensor.norm`` over the 8 channels of a
-    gesture's crop took ~90 ms where the sum of squares takes ~1.5 ms, a fifth of a gesture's time.
+
+def inverse_lengths(x: torch.Tensor) -> torch.Tensor:
+    """``1 / |x|`` along the channels of ``x`` (B, C, ...), lengths at least 1e-6: (B, 1, ...).
+
+    Callers scale the 1-channel dot products by it rather than dividing the C channels (one pass
+    over the crop fewer). The length is summed by hand: on CPU (torch 2.14), ``Tensor.norm`` and
+    ``torch.linalg.vector_norm`` over the 8 channels of a gesture's crop take ~45-90 ms where the
+    sum of squares takes ~1.5 ms.
     """
-    return x / (x * x).sum(dim=dim, keepdim=True).sqrt().clamp(min=1e-6)
+    return (x * x).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-6).reciprocal()

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .click_prior import unit_vectors
+from .click_prior import inverse_lengths
 from .prompt_encoder import click_labels
 
 NEAR_SIGMA_VOX = 2.0
@@ -161,10 +161,10 @@ def draw_maps(features: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor
     """
     batch, _, *shape = features.shape
     device = features.device
+    # Distances and the box are separable: axis by axis, then broadcast (no (d, h, w, 3) grid).
     axes = [torch.arange(n, dtype=torch.float32, device=device) + o for n, o in zip(shape, origin)]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (d, h, w, 3)
-    maps = [torch.zeros(shape, device=device) if box is None else _box_map(grid, box.to(device))]
-    unit = unit_vectors(features, dim=1)
+    maps = [torch.zeros(shape, device=device) if box is None else _box_map(axes, box.to(device))]
+    inverse_length = inverse_lengths(features)  # (B, 1, d, h, w)
     near, far, like = [], [], []
     for kind in (1, 0):
         chosen = clicks[labels.to(clicks.device) == kind].to(device)
@@ -173,21 +173,28 @@ def draw_maps(features: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor
             far.append(torch.zeros(shape, device=device))
             like.append(torch.zeros((batch, *shape), device=device))
             continue
-        squared = ((grid[..., None, :] - chosen) ** 2).sum(dim=-1)  # (d, h, w, N)
-        nearest_squared, nearest = squared.min(dim=-1)
+        d2, h2, w2 = ((axis[None] - chosen[:, k, None]) ** 2 for k, axis in enumerate(axes))  # (N, n_axis)
+        squared = d2[:, :, None, None] + h2[:, None, :, None] + w2[:, None, None, :]  # (N, d, h, w)
+        nearest_squared, nearest = squared.min(dim=0)
         near.append(torch.exp(-nearest_squared / (2 * NEAR_SIGMA_VOX ** 2)))
         far.append(torch.exp(-nearest_squared / (2 * FAR_SIGMA_VOX ** 2)))
         inside = (chosen.round().long() - torch.tensor(origin, device=device)).clamp(min=0)
         inside = torch.minimum(inside, torch.tensor(shape, device=device) - 1)
-        at_clicks = unit[:, :, inside[:, 0], inside[:, 1], inside[:, 2]]  # (B, C, N)
-        # Each voxel compared with its nearest click of this kind.
-        like.append(torch.einsum("bcdhw,bcdhw->bdhw", unit, at_clicks[:, :, nearest]))
+        at_clicks = features[:, :, inside[:, 0], inside[:, 1], inside[:, 2]]  # (B, C, N)
+        at_clicks = at_clicks * inverse_length[:, :, inside[:, 0], inside[:, 1], inside[:, 2]]
+        # Each voxel compared with its nearest click of this kind: cosine similarity.
+        similarity = torch.einsum("bcdhw,bcn->bndhw", features, at_clicks)
+        if len(chosen) > 1:
+            similarity = similarity.gather(1, nearest.expand(batch, 1, *shape))
+        like.append(similarity[:, 0] * inverse_length[:, 0])
     spatial = torch.stack(maps + near + far)[None].expand(batch, -1, -1, -1, -1)
     return torch.cat([spatial, torch.stack(like, dim=1)], dim=1)
 
 
-def _box_map(grid: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """+1 on voxels inside ``box`` (d0, h0, w0, d1, h1, w1), -1 outside: (d, h, w)."""
+def _box_map(axes: list[torch.Tensor], box: torch.Tensor) -> torch.Tensor:
+    """+1 on voxels inside ``box`` (d0, h0, w0, d1, h1, w1), -1 outside: (d, h, w) on the crop
+    whose voxel coordinates along each axis are ``axes``."""
     low, high = torch.minimum(box[:3], box[3:]), torch.maximum(box[:3], box[3:])
-    inside = ((grid >= low) & (grid <= high)).all(dim=-1)
+    d, h, w = ((axis >= low[k]) & (axis <= high[k]) for k, axis in enumerate(axes))
+    inside = d[:, None, None] & h[None, :, None] & w[None, None, :]
     return inside.float() * 2.0 - 1.0

@@ -149,6 +149,7 @@ class RefSAM3D(nn.Module):
         points_dhw: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes_dhw: torch.Tensor | None = None,
+        dense: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mask logits (B, P, D, H, W) for P prompts from one ``encode_image`` result.
 
@@ -160,10 +161,12 @@ class RefSAM3D(nn.Module):
             points_dhw: optional (P, N, 3) voxel coordinates of clicks, with point_labels (P, N)
                 1 positive / 0 negative / -1 padding.
             boxes_dhw: optional (P, 6) boxes (d0, h0, w0, d1, h1, w1) in voxels.
+            dense: ``text_dense(features, prompts)`` when the caller kept it (None: computed).
         """
         self._check_image(image)
         grid = tuple(features.embedding.shape[2:])
-        dense = self.cross_attention(features.stage_queries, prompts.tokens, prompts.mask)
+        if dense is None:
+            dense = self.text_dense(features, prompts)
         sparse = prompts.sentence[:, None]
         has_text = [text != NO_TEXT_PROMPT for text in prompts.texts]
         token_labels = self._token_labels(point_labels, points_dhw, has_text)
@@ -174,6 +177,12 @@ class RefSAM3D(nn.Module):
             features.embedding, self.pe.grid(grid), dense, sparse, features.pixel_features, features.image_term,
             points_dhw, point_labels, boxes_dhw, has_text,
         )
+
+    def text_dense(self, features: ImageFeatures, prompts: PromptEmbeddings) -> torch.Tensor:
+        """(B, P, d*h*w, C) the prompts' dense embedding: their text's hierarchical cross-attention
+        with the windows' stages. It depends on no gesture, so an interactive session computes it
+        once per window and prompt, not once per click."""
+        return self.cross_attention(features.stage_queries, prompts.tokens, prompts.mask)
 
     def _token_labels(self, point_labels: torch.Tensor | None, points_dhw: torch.Tensor | None,
                       has_text: list[bool]) -> torch.Tensor | None:
