@@ -255,13 +255,19 @@ class InteractiveSession:
         )
 
     def _prompt_cache(self, texts: tuple[str, ...]) -> "_PromptCache":
-        """What the prompts ``texts`` cost once per window, kept while they are refined: a gesture
-        recomputes only the windows it touches. One set of prompts is kept (the next replaces it)."""
-        if self._cache is None or self._cache.texts != texts:
+        """What the prompt ``texts`` costs once per window, kept while it is refined: a gesture
+        recomputes only the windows it touches. One prompt is kept (the next replaces it); several
+        structures at once cannot be refined, so theirs is not kept (nor does it replace it), and
+        the cache stays at one channel per window whatever is asked."""
+        if self._cache is not None and self._cache.texts == texts:
+            return self._cache
+        if len(texts) == 1:
             self._cache = None  # free the last prompt's answers before computing new ones
-            with torch.no_grad():
-                self._cache = _PromptCache(texts, self.model.encode_prompts(list(texts)))
-        return self._cache
+        with torch.no_grad():
+            cache = _PromptCache(texts, self.model.encode_prompts(list(texts)))
+        if len(texts) == 1:
+            self._cache = cache
+        return cache
 
     def _window_prompts(self, start, points_dhw: np.ndarray, labels: np.ndarray, box_dhw) -> dict:
         """The decoder's spatial arguments for the window at ``start``: its points and its part of

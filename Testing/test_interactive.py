@@ -126,6 +126,11 @@ def test_cached_answers_stay_the_engines_and_a_fresh_sessions(tiny, oblique_ct, 
         fresh = InteractiveSession(oblique_ct, model=tiny, options=options)
         np.testing.assert_array_equal(answers[name], fresh.segment("liver", **gesture).segments[0].mask)
     assert answers["click"].any() and not np.array_equal(answers["box"], engine)
+    # Several structures cannot be refined: their answers are not kept, and the refined one's stay.
+    for texts in ("liver, spleen", "liver, spleen", "liver"):
+        decoded.clear()
+        cached.segment(texts)
+        assert len(decoded) == (0 if texts == "liver" else cached.window_count), texts
 
 
 def test_without_text_windows_the_gesture_misses_contribute_nothing(session):
