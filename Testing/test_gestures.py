@@ -87,13 +87,30 @@ def test_a_first_click_inside_lands_on_the_structure_even_where_the_text_answer_
         assert seen[1][1][:, 1].tolist() == [-1, -1]  # later rounds correct errors: none left
 
 
+def test_a_box_alone_has_no_click_in_its_first_round_and_clicks_after():
+    target = torch.stack([cube(), cube(low=(0, 0, 0), high=(3, 3, 3))])
+    empty = torch.full((1, 2) + target.shape[1:], -10.0)  # answers miss both structures
+    seen = []
+
+    def decode(points, labels, boxes):
+        seen.append((labels.clone(), boxes))
+        return empty
+
+    for box_alone_prob, first_labels in [(0.0, [[1], [1]]), (1.0, [[-1], [-1]])]:
+        seen.clear()
+        gesture_rounds(decode, empty, target, rounds=2, box_prob=1.0, box_jitter=0.0, inside_click_prob=1.0,
+                       box_alone_prob=box_alone_prob, generator=torch.Generator().manual_seed(0))
+        assert seen[0][0].tolist() == first_labels and seen[0][1] is not None
+        assert seen[1][0][:, 1].tolist() == [1, 1]  # the second round clicks in what was missed
+
+
 def test_round_zero_of_a_gesture_step_is_the_text_only_step(untrained_small_toy):
     model = untrained_small_toy
     image = torch.rand(2, 1, 32, 32, 32)
     texts = [["liver", "spleen"], ["spleen"]]
     targets = [torch.stack([cube((32,) * 3), torch.zeros((32,) * 3, dtype=torch.bool)]), cube((32,) * 3)[None]]
     settings = {"rounds": 2, "box_prob": 0.5, "box_jitter": 0.1, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 0.0, "inside_click_prob": 0.0}
+                "no_text_prob": 0.0, "inside_click_prob": 0.0, "box_alone_prob": 0.0}
     with torch.no_grad():
         text_only = MultiPromptStep(model)(image, texts)
         with_gestures = GestureStep(model, settings)(image, texts, targets)
@@ -117,7 +134,7 @@ def test_gestures_are_placed_on_the_labels_and_scored_against_the_loss_targets(u
     # box a user draws is the labels' box.
     fractions = torch.roll(labels, 5, dims=1).float() * 0.9
     settings = {"rounds": 2, "box_prob": 1.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 0.0, "inside_click_prob": 1.0}
+                "no_text_prob": 0.0, "inside_click_prob": 1.0, "box_alone_prob": 0.0}
     with torch.no_grad():
         pairs = GestureStep(model, settings)(torch.rand(1, 1, 32, 32, 32), [["liver", "spleen"]], [labels], [fractions])[0]
     assert torch.equal(pairs[0][1], fractions)
@@ -137,7 +154,7 @@ def test_gesture_rounds_without_text_start_from_an_empty_mask(untrained_small_to
     monkeypatch.setattr(model, "decode", recording)
     target = cube((32,) * 3)
     settings = {"rounds": 2, "box_prob": 0.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 1.0, "inside_click_prob": 0.0}
+                "no_text_prob": 1.0, "inside_click_prob": 0.0, "box_alone_prob": 0.0}
     with torch.no_grad():
         pairs = GestureStep(model, settings)(torch.rand(1, 1, 32, 32, 32), [["liver"]], [target[None]])[0]
     assert len(pairs) == 3

@@ -15,7 +15,8 @@ reference label:
   most interior voxel of the largest connected error region of the previous answer (positive in
   a missed region, negative in a false positive), accumulating as a user's clicks do;
 * ``no_text``: the box and the interior click of ``box_click`` without text ("the structure in
-  this box"): what the gestures carry by themselves.
+  this box"): what the gestures carry by themselves;
+* ``box``: text + the reference's bounding box alone, no click (a Slicer user's ROI by itself).
 
 Writes ``interactive.csv`` (one row per case, structure and stage: Dice, NSD, HD95 and the
 predicted / true volume, which tells a gesture that grows a mask from one that shrinks it) and
@@ -45,7 +46,7 @@ from RefSAM3DLib.run_options import RunOptions  # noqa: E402
 from RefSAM3DLib.volume_reader import read_volume  # noqa: E402
 
 REFINEMENT = ["text", "box_click", "click1", "click2", "click3"]  # each stage refines the previous one
-STAGES = REFINEMENT + ["no_text"]
+STAGES = REFINEMENT + ["no_text", "box"]
 # The structures whose Dice the issue bounds (text + box + one click >= 0.80 on average).
 ISSUE_STRUCTURES = ["spleen", "kidney_right", "kidney_left", "gallbladder", "pancreas", "stomach"]
 
@@ -112,6 +113,8 @@ def refine_structure(session: InteractiveSession, prompt: str, reference: np.nda
         results[stage] = stage_metrics(mask, reference, spacing_kji)
     alone = session.segment(None, points_ras=kji_to_ras(clicks_kji[:1], ijk_to_ras), box_ras=box)
     results["no_text"] = stage_metrics(alone.segments[0].mask.astype(bool), reference, spacing_kji)
+    boxed = session.segment(prompt, box_ras=box)
+    results["box"] = stage_metrics(boxed.segments[0].mask.astype(bool), reference, spacing_kji)
     return results
 
 

@@ -7,7 +7,8 @@ structure present in the window is decoded again for a few rounds, as a user wou
   random fraction of the box's extent (``box_jitter``), plus one click in the error of round 0,
   or (``inside_click_prob``) a positive click anywhere inside the structure, as a user's first
   click lands on the structure whether or not the text answer already covers it (SAM's first
-  click);
+  click), or (``box_alone_prob``, of the rounds with a box) no click: a box drawn alone, as a
+  Slicer user's ROI;
 * every later round: one more click, positive inside the missed region (false negatives) or
   negative inside the false positives of the previous round, whichever is larger, at a voxel of
   that region drawn uniformly. Clicks accumulate, as a user's do.
@@ -64,7 +65,7 @@ def subset(prompts: PromptEmbeddings, indices: list[int]) -> PromptEmbeddings:
 
 
 def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rounds: int, box_prob: float,
-                   box_jitter: float, inside_click_prob: float = 0.0,
+                   box_jitter: float, inside_click_prob: float = 0.0, box_alone_prob: float = 0.0,
                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Decode ``rounds`` rounds of simulated gestures for P structures present in a window.
 
@@ -78,6 +79,7 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
         box_jitter: box faces move by up to this fraction of the box's extent.
         inside_click_prob: probability that round 1's click is a positive click drawn uniformly
             inside the structure rather than on the error of round 0 (one draw for the P prompts).
+        box_alone_prob: probability that a round 1 with a box has no click (one draw).
 
     Returns:
         the logits ``(1, P, D, H, W)`` of every round.
@@ -87,6 +89,7 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
     use_box = float(torch.rand(1, generator=generator)) < box_prob
     # No draw when the option is off, so that older recipes replay the same random numbers.
     click_inside = inside_click_prob > 0 and float(torch.rand(1, generator=generator)) < inside_click_prob
+    box_alone = use_box and box_alone_prob > 0 and float(torch.rand(1, generator=generator)) < box_alone_prob
     boxes = torch.stack([jittered_box(t, box_jitter, generator) for t in target]) if use_box else None
     points = torch.zeros(p, 0, 3, device=target.device)
     labels = torch.zeros(p, 0, dtype=torch.long, device=target.device)
@@ -95,11 +98,14 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
     for round_index in range(rounds):
         new_points, new_labels = [], []
         for i in range(p):
-            if round_index == 0 and click_inside:
+            if round_index == 0 and box_alone:
+                click = None
+            elif round_index == 0 and click_inside:
                 click = click_in(target[i], generator), 1
             else:
                 click = corrective_click(previous[i], target[i], generator)
-            # An exact prediction gets a padding point (label -1), so the P prompts stay one batch.
+            # An exact prediction (or a box alone) gets a padding point (label -1), so the P
+            # prompts stay one batch.
             point, label = click if click is not None else (torch.zeros(3, device=target.device), -1)
             new_points.append(point.to(target.device))
             new_labels.append(label)

@@ -132,7 +132,7 @@ class GestureStep(MultiPromptStep):
 
                 rounds = gesture_rounds(decode, first_logits, target[present], self.settings["rounds"],
                                         self.settings["box_prob"], self.settings["box_jitter"],
-                                        self.settings["inside_click_prob"])
+                                        self.settings["inside_click_prob"], self.settings["box_alone_prob"])
                 pairs += [(round_logits, loss_target[present]) for round_logits in rounds]
             out.append(pairs)
         return out
