@@ -45,7 +45,7 @@ def trained_head() -> GestureMaps:
     return head
 
 
-def test_the_term_stays_on_the_crop_the_gesture_reaches_and_skips_prompts_without_one():
+def test_the_term_stays_on_the_crop_the_gesture_reaches_and_needs_a_click():
     head = trained_head()
     features, coarse = torch.randn(1, 4, SIZE, SIZE, SIZE), torch.randn(1, 3, SIZE, SIZE, SIZE)
     points = torch.tensor([[[8.0, 8.0, 8.0]], [[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
@@ -54,12 +54,15 @@ def test_the_term_stays_on_the_crop_the_gesture_reaches_and_skips_prompts_withou
     with torch.no_grad():
         changed = (head(features, coarse, points, labels, boxes) - coarse).abs() > 0
         clicks_only = (head(features, coarse, points, labels, None) - coarse).abs() > 0
+        boxes_alone = (head(features, coarse, None, None, boxes) - coarse).abs() > 0
     reach = int(3 * FAR_SIGMA_VOX)
     assert clicks_only[0, 0, 8, 8, 8] and clicks_only[0, 0, 8 + reach + 1:].sum() == 0
     assert not clicks_only[0, 1:].any()  # padding alone is no gesture
-    assert changed[0, 1, 30, 30, 30] and changed[0, 1, 34 + BOX_REACH_VOX, 34, 34]
-    assert changed[0, 1, :30 - BOX_REACH_VOX].sum() == 0  # the box's term ends at its reach
-    assert torch.equal(changed[0, 1], changed[0, 2])
+    # With its click, the box's term reaches BOX_REACH_VOX beyond it and no further.
+    assert changed[0, 0, 30, 30, 30] and changed[0, 0, 34 + BOX_REACH_VOX, 34, 34]
+    assert changed[0, 0, 34 + BOX_REACH_VOX + 1:].sum() == 0
+    # A box without a click (padding only, or no points at all) gets no term: never trained.
+    assert not changed[0, 1:].any() and not boxes_alone.any()
 
 
 def test_gradients_reach_every_weight_of_the_mlp():
