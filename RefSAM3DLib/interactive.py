@@ -228,18 +228,20 @@ class InteractiveSession:
                 # No text and nothing here: not the structure. Beyond the box's reach: cleared anyway.
                 return torch.zeros((1, 1) + windows.shape[2:], device=windows.device)
             if spatial_args or start not in cache.answers:
-                with network_precision(self.device):
-                    if start not in cache.dense:
-                        cache.dense[start] = self.model.text_dense(self._features[start], cache.embeddings)
-                    logits = self.model.decode(windows, self._features[start], cache.embeddings,
-                                               dense=cache.dense[start], **spatial_args)
+                if start not in cache.dense:
+                    cache.dense[start] = self.model.text_dense(self._features[start], cache.embeddings)
+                logits = self.model.decode(windows, self._features[start], cache.embeddings,
+                                           dense=cache.dense[start], **spatial_args)
                 probabilities = torch.sigmoid(logits.float())
                 if spatial_args:
                     return probabilities
                 cache.answers[start] = probabilities
             return cache.answers[start].clone()  # MONAI weights what it is given in place
 
-        probabilities = self._sliding(decode, 1)  # (P, D, H, W), padded
+        # One autocast for every window: its cache of the weights' bfloat16 copies lives as long as
+        # the context (one per window cast them again: ~3000 copies, 30 ms of a 0.25 s gesture).
+        with network_precision(self.device):
+            probabilities = self._sliding(decode, 1)  # (P, D, H, W), padded
         d, h, w = self.pad_before
         probabilities = probabilities[:, d:d + self.model_shape_dhw[0], h:h + self.model_shape_dhw[1],
                                       w:w + self.model_shape_dhw[2]]

@@ -93,23 +93,26 @@ class ClickPrior(nn.Module):
                 features = self._projected(pixel_features[(slice(None), slice(None)) + _slices(low, high)])
                 inverse_length = inverse_lengths(features)  # (B, 1, d, h, w)
                 term = torch.zeros((batch, *[z - a for a, z in zip(low, high)]), device=coarse.device)
-                for j, (click_low, click_high) in zip(clicks, crops):
+                at_clicks = [(slice(None), slice(None), *[c - o for c, o in zip(voxels[i, j].tolist(), low)])
+                             for j in clicks]
+                units = torch.stack([features[at] * inverse_length[at] for at in at_clicks], dim=-1)  # (B, C, N)
+                # Every click's dot products in one product over the contiguous crop (einsum would
+                # copy a strided sub-crop of the C channels for each click); (B, N, d, h, w).
+                dots = torch.einsum("bcdhw,bcn->bndhw", features, units)
+                for n, (j, (click_low, click_high)) in enumerate(zip(clicks, crops)):
                     kind = int(labels[i, j])
                     centre = voxels[i, j].tolist()
                     sign = 1.0 if kind == 1 else -1.0
                     # How wrong the mask is at the click, measured, not learned through.
                     amount = F.softplus(self.margin[kind] - sign * coarse[(slice(None), i, *centre)].detach())  # (B,)
-                    local = (slice(None), slice(None)) + _slices(
-                        [a - o for a, o in zip(click_low, low)], [z - o for z, o in zip(click_high, low)])
-                    at = (slice(None), slice(None), *[c - o for c, o in zip(centre, low)])
-                    at_click = features[at] * inverse_length[at]  # (B, C) of unit length
-                    similarity = torch.einsum("bcdhw,bc->bdhw", features[local], at_click)
+                    local = (slice(None),) + _slices([a - o for a, o in zip(click_low, low)],
+                                                     [z - o for z, o in zip(click_high, low)])
                     floor = self.floor[kind].clamp(max=0.95)
                     # cos - floor, then relu; the scalars ride on the nearness (fewer passes).
-                    pull = torch.addcmul(-floor, similarity, inverse_length[local][:, 0]).relu_()
+                    pull = torch.addcmul(-floor, dots[:, n][local], inverse_length[:, 0][local]).relu_()
                     nearness = _nearness(click_low, click_high, points_dhw[i, j].tolist(), sigmas[kind],
                                          sign * amount / (1.0 - floor))
-                    term[local[1:]].addcmul_(pull, nearness)
+                    term[local].addcmul_(pull, nearness)
                 # F.pad lists the last axis first: (w before, w after, h before, ..., d after).
                 padding = [n for a, z, s in reversed(list(zip(low, high, size))) for n in (a, s - z)]
                 corrected[i] = corrected[i] + F.pad(term, padding)
