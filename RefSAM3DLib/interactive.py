@@ -261,15 +261,13 @@ class InteractiveSession:
         recomputes only the windows it touches. One prompt is kept (the next replaces it); several
         structures at once cannot be refined, so theirs is not kept (nor does it replace it), and
         the cache stays at one channel per window whatever is asked."""
-        if self._cache is not None and self._cache.texts == texts:
-            return self._cache
-        if len(texts) == 1:
-            self._cache = None  # free the last prompt's answers before computing new ones
-        with torch.no_grad():
-            cache = _PromptCache(texts, self.model.encode_prompts(list(texts)))
-        if len(texts) == 1:
+        if self._cache is None or self._cache.texts != texts:
+            with torch.no_grad():
+                cache = _PromptCache(texts, self.model.encode_prompts(list(texts)))
+            if len(texts) > 1:
+                return cache
             self._cache = cache
-        return cache
+        return self._cache
 
     def _window_prompts(self, start, points_dhw: np.ndarray, labels: np.ndarray, box_dhw) -> dict:
         """The decoder's spatial arguments for the window at ``start``: its points and its part of

@@ -201,7 +201,7 @@ class MaskDecoder3D(nn.Module):
         coarse = coarse.float()
         if self.click_prior is not None and points_dhw is not None:
             coarse = self.click_prior(pixel_features, coarse, points_dhw, point_labels)
-        if self.gesture_maps is not None and (points_dhw is not None or boxes_dhw is not None):
+        if self.gesture_maps is not None and points_dhw is not None:  # the maps need a click
             coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw, has_text)
         return self._fuse_with_image(coarse, image_term.float())
 
