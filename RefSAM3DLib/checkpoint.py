@@ -77,6 +77,7 @@ def build_untrained(
 ADDABLE_PARTS = {"token_logits": "mask_decoder.token_hypernetwork.", "click_prior": "mask_decoder.click_prior.",
                  "gesture_maps": "mask_decoder.gesture_maps.",
                  "gesture_text_biases": "mask_decoder.gesture_maps.text_",
+                 "gesture_intensity": "mask_decoder.gesture_maps.intensity_in.",
                  "local_clicks_with_text": "(no weights)"}
 """Config switches whose part can join a trained model, and the prefix of that part's weights
 (``local_clicks_with_text`` changes how clicks are read and brings none)."""
@@ -86,7 +87,8 @@ def upgrade(model: RefSAM3D, config: ModelConfig) -> RefSAM3D:
     """``model`` rebuilt as ``config`` where they differ only by parts of ``ADDABLE_PARTS`` turned
     on: the weights carried over, the new parts at their initial values. ``token_logits`` starts at
     zero (every output unchanged); ``click_prior`` acts only on clicks (text-only outputs
-    unchanged); ``gesture_maps`` and ``gesture_text_biases`` start at zero (every output unchanged);
+    unchanged); ``gesture_maps``, ``gesture_text_biases`` and ``gesture_intensity`` start at zero
+    (every output unchanged);
     ``local_clicks_with_text`` changes answers to clicks with text.
     Any other pair: ``model`` as it is (callers compare model spaces and refuse what does not fit).
 

@@ -1,7 +1,8 @@
 """Gestures drawn as maps (model/gesture_maps.py): what each map says, the term stays on the crop
 the gesture reaches, padding and prompts without a gesture get none, gradients reach the MLP, its
-text biases tell prompts with text from those without, and a model that gains the part (or its
-text biases) answers exactly as before until it trains."""
+text biases tell prompts with text from those without, the intensity maps mark the clicked
+intensity, and a model that gains the part (or its text biases, or its intensity weights) answers
+exactly as before until it trains."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from conftest import assert_every_parameter_learns
 
 from RefSAM3DLib.model import MODEL_CONFIGS
-from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, GestureMaps, draw_maps
+from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, GestureMaps, draw_maps, intensity_maps
 from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
 
 torch.set_num_threads(1)
@@ -121,3 +122,53 @@ def test_a_model_gaining_the_text_biases_answers_exactly_as_before_until_it_trai
         torch.nn.init.normal_(grown.mask_decoder.gesture_maps.text_last_bias)
         assert not torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
         assert torch.equal(older(image, [NO_TEXT_PROMPT], **gesture), grown(image, [NO_TEXT_PROMPT], **gesture))
+
+
+def test_the_intensity_maps_mark_the_voxels_as_bright_as_the_clicked_one():
+    image = torch.full((1, 1, SIZE, SIZE, SIZE), 0.3)
+    image[..., 20:] = 0.6  # bile-like tissue where w < 20, brighter tissue elsewhere (0.3 apart: 120 HU)
+    clicks, labels = torch.tensor([[10.0, 10.0, 5.0], [30.0, 30.0, 30.0]]), torch.tensor([1, 0])
+    maps = intensity_maps(image, clicks, labels, [0, 0, 0])[0]
+    image_map, same_pos, same_neg = maps
+    assert torch.equal(image_map, image[0, 0])
+    assert same_pos[39, 0, 0] == 1 and same_pos[0, 0, 25] < 1e-6  # far but alike; near but not
+    assert same_neg[0, 0, 39] == 1 and same_neg[39, 39, 0] < 1e-6
+    positives_only = intensity_maps(image, clicks[:1], labels[:1], [0, 0, 0])[0]
+    assert torch.equal(positives_only[1], same_pos) and not positives_only[2].any()
+    # Offset crops draw the same maps (window coordinates throughout).
+    crop = intensity_maps(image[..., 8:, 4:, 2:], clicks, labels, [8, 4, 2])[0]
+    assert torch.allclose(crop, maps[:, 8:, 4:, 2:])
+
+
+def test_the_intensity_weights_change_the_term_and_learn():
+    head = trained_head()
+    torch.manual_seed(1)
+    with_intensity = GestureMaps(4, text_biases=True, intensity=True)
+    with_intensity.load_state_dict(head.state_dict(), strict=False)
+    features, coarse = torch.randn(1, 4, SIZE, SIZE, SIZE), torch.randn(1, 1, SIZE, SIZE, SIZE)
+    image = torch.rand(1, 1, SIZE, SIZE, SIZE)
+    gesture = (torch.tensor([[[20.0, 20.0, 20.0]]]), torch.tensor([[1]]), None)
+    with torch.no_grad():  # zero at first: the term of the MLP without them
+        assert torch.equal(head(features, coarse, *gesture), with_intensity(features, coarse, *gesture, image=image))
+    torch.nn.init.normal_(with_intensity.intensity_in.weight)
+    out = with_intensity(features, coarse, *gesture, image=image)
+    assert not torch.equal(out, head(features, coarse, *gesture))
+    out.sum().backward()
+    assert_every_parameter_learns(with_intensity)
+
+
+def test_a_model_gaining_the_intensity_weights_answers_exactly_as_before_until_it_trains(model_gaining):
+    older, grown = model_gaining("gesture_intensity")
+    assert older.mask_decoder.gesture_maps.intensity_in is None
+    assert set(grown.trainable_state_dict()) - set(older.trainable_state_dict()) == {
+        "mask_decoder.gesture_maps.intensity_in.weight"}
+    torch.nn.init.normal_(older.mask_decoder.gesture_maps.head[-1].weight)  # a trained MLP, in both
+    grown.mask_decoder.gesture_maps.head.load_state_dict(older.mask_decoder.gesture_maps.head.state_dict())
+    size = MODEL_CONFIGS["small"].window_size_vox
+    image = torch.rand(1, 1, size, size, size)
+    gesture = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]))
+    with torch.no_grad():
+        assert torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
+        torch.nn.init.normal_(grown.mask_decoder.gesture_maps.intensity_in.weight)
+        assert torch.equal(older(image, ["liver"]), grown(image, ["liver"]))  # text never reaches it
+        assert not torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))

@@ -52,7 +52,8 @@ def build_model(name_or_config: "str | ModelConfig" = "small", text_encoder: Tex
                                  config.stem_channels)
     mask_decoder = MaskDecoder3D(c, config.decoder_depth, config.decoder_heads, config.decoder_mlp_dim,
                                  config.upsample_channels[-1], config.fusion_channels, config.token_logits,
-                                 config.click_prior, config.gesture_maps, config.gesture_text_biases)
+                                 config.click_prior, config.gesture_maps, config.gesture_text_biases,
+                                 config.gesture_intensity)
     return RefSAM3D(
         config,
         image_encoder=image_encoder,

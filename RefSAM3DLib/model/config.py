@@ -86,6 +86,9 @@ class ModelConfig:
         gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text (a
             gesture corrects a text answer, or draws the structure alone). False in checkpoints
             made before it existed; ``checkpoint.upgrade`` adds them at zero.
+        gesture_intensity: the gesture maps' MLP also reads the window's intensities and how alike
+            each voxel's is to the clicked voxels' (``gesture_maps.INTENSITY_CHANNELS``). False in
+            checkpoints made before it existed; ``checkpoint.upgrade`` adds it at zero.
         local_clicks_with_text: clicks of prompts with text act only through the click prior and
             the gesture maps, not as sparse tokens (``RefSAM3D._token_labels``). A switch without
             weights; False in checkpoints made before it existed. On in ``small`` since
@@ -123,6 +126,7 @@ class ModelConfig:
     click_prior: bool = False
     gesture_maps: bool = False
     gesture_text_biases: bool = False
+    gesture_intensity: bool = False
     local_clicks_with_text: bool = False
 
     @property
@@ -275,6 +279,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         click_prior=True,
         gesture_maps=True,
         gesture_text_biases=True,
+        gesture_intensity=True,
         local_clicks_with_text=True,
     ),
     "vit_b": ModelConfig(
@@ -306,6 +311,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         click_prior=True,
         gesture_maps=True,
         gesture_text_biases=True,
+        gesture_intensity=True,
     ),
 }
 

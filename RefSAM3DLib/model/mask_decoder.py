@@ -135,11 +135,12 @@ class MaskDecoder3D(nn.Module):
         click_prior: correct the coarse logits at and around clicks (``click_prior.ClickPrior``).
         gesture_maps: correct them from the gestures drawn as maps (``gesture_maps.GestureMaps``).
         gesture_text_biases: the gesture maps' MLP has its own biases for prompts with text.
+        gesture_intensity: the gesture maps' MLP also reads the window's intensities.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, pixel_dim: int, fusion_channels: int,
                  token_logits: bool = False, click_prior: bool = False, gesture_maps: bool = False,
-                 gesture_text_biases: bool = False) -> None:
+                 gesture_text_biases: bool = False, gesture_intensity: bool = False) -> None:
         super().__init__()
         self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
         self.mask_token = nn.Embedding(1, dim)
@@ -152,7 +153,9 @@ class MaskDecoder3D(nn.Module):
             nn.init.zeros_(self.token_hypernetwork.layers[-1].weight)
             nn.init.zeros_(self.token_hypernetwork.layers[-1].bias)
         self.click_prior = ClickPrior(pixel_dim) if click_prior else None
-        self.gesture_maps = GestureMaps(pixel_dim, text_biases=gesture_text_biases) if gesture_maps else None
+        self.gesture_maps = None
+        if gesture_maps:
+            self.gesture_maps = GestureMaps(pixel_dim, text_biases=gesture_text_biases, intensity=gesture_intensity)
 
     def forward(
         self,
@@ -166,6 +169,7 @@ class MaskDecoder3D(nn.Module):
         point_labels: torch.Tensor | None = None,
         boxes_dhw: torch.Tensor | None = None,
         has_text: Sequence[bool] | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -180,6 +184,7 @@ class MaskDecoder3D(nn.Module):
                 the image refines their edges.
             boxes_dhw: (P, 6) boxes in window voxels, for the gesture maps (with the clicks).
             has_text: P bools, whether each prompt has text (the gesture maps read it); None = all.
+            image: (B, 1, D, H, W) the windows' intensities (the gesture maps read them).
 
         Returns:
             (B, P, D, H, W) mask logits.
@@ -202,7 +207,7 @@ class MaskDecoder3D(nn.Module):
         if self.click_prior is not None and points_dhw is not None:
             coarse = self.click_prior(pixel_features, coarse, points_dhw, point_labels)
         if self.gesture_maps is not None and points_dhw is not None:  # the maps need a click
-            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw, has_text)
+            coarse = self.gesture_maps(pixel_features, coarse, points_dhw, point_labels, boxes_dhw, has_text, image)
         return self._fuse_with_image(coarse, image_term.float())
 
     def _fuse_with_image(self, coarse: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:

@@ -154,8 +154,7 @@ class RefSAM3D(nn.Module):
         """Mask logits (B, P, D, H, W) for P prompts from one ``encode_image`` result.
 
         Args:
-            image: (B, 1, D, H, W) the encoded window (kept for the contract; its features are in
-                ``features.image_term``).
+            image: (B, 1, D, H, W) the encoded window (the gesture maps read its intensities).
             features: from ``encode_image``.
             prompts: from ``encode_prompts``.
             points_dhw: optional (P, N, 3) voxel coordinates of clicks, with point_labels (P, N)
@@ -175,7 +174,7 @@ class RefSAM3D(nn.Module):
             sparse = torch.cat([sparse, spatial], dim=1)
         return self.mask_decoder(
             features.embedding, self.pe.grid(grid), dense, sparse, features.pixel_features, features.image_term,
-            points_dhw, point_labels, boxes_dhw, has_text,
+            points_dhw, point_labels, boxes_dhw, has_text, image,
         )
 
     def text_dense(self, features: ImageFeatures, prompts: PromptEmbeddings) -> torch.Tensor:
