@@ -10,7 +10,7 @@ import torch
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.training import train
 from RefSAM3DLib.training.config import load_config
-from RefSAM3DLib.training.gestures import corrective_click, gesture_rounds, jittered_box
+from RefSAM3DLib.training.gestures import corrective_click, gesture_rounds, jittered_box, most_interior
 from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
 from RefSAM3DLib.training.loop import GestureStep, MultiPromptStep
 
@@ -87,6 +87,29 @@ def test_a_first_click_inside_lands_on_the_structure_even_where_the_text_answer_
         assert seen[1][1][:, 1].tolist() == [-1, -1]  # later rounds correct errors: none left
 
 
+def test_interior_clicks_land_at_the_centre_of_the_structure_and_then_of_the_error():
+    target = cube(low=(2, 2, 2), high=(13, 13, 13))[None]  # an 11-voxel cube: its centre is (7, 7, 7)
+    half = torch.full((1, 1, 16, 16, 16), -10.0)
+    half[0, :, 2:13, 2:13, 2:8] = 10.0  # the answer after the first click: the cube's w < 8 (missed: w 8..12)
+    seen = []
+
+    def decode(points, labels, boxes):
+        seen.append((points.clone(), labels.clone()))
+        return half
+
+    empty = torch.full((1, 1, 16, 16, 16), -10.0)
+    gesture_rounds(decode, empty, target, rounds=2, box_prob=0.0, box_jitter=0.0, inside_click_prob=1.0,
+                   interior_click_prob=1.0, generator=torch.Generator().manual_seed(0))
+    assert seen[0][0][0, 0].tolist() == [7, 7, 7]
+    # The second click: positive, in the middle of the missed slab (w 8..12: its centre plane w = 10,
+    # 3 voxels from the slab's faces, as are d and h 4..10).
+    d, h, w = seen[1][0][0, 1].tolist()
+    assert seen[1][1][0, 1] == 1 and w == 10 and 4 <= d <= 10 and 4 <= h <= 10
+    # The window's edge counts as outside: a region cut by it is deepest away from the edge.
+    assert torch.nonzero(most_interior(cube(low=(0, 0, 0), high=(5, 16, 16)))).tolist() == [
+        [2, h, w] for h in range(2, 14) for w in range(2, 14)]
+
+
 def test_a_box_alone_has_no_click_in_its_first_round_and_clicks_after():
     target = torch.stack([cube(), cube(low=(0, 0, 0), high=(3, 3, 3))])
     empty = torch.full((1, 2) + target.shape[1:], -10.0)  # answers miss both structures
@@ -110,7 +133,7 @@ def test_round_zero_of_a_gesture_step_is_the_text_only_step(untrained_small_toy)
     texts = [["liver", "spleen"], ["spleen"]]
     targets = [torch.stack([cube((32,) * 3), torch.zeros((32,) * 3, dtype=torch.bool)]), cube((32,) * 3)[None]]
     settings = {"rounds": 2, "box_prob": 0.5, "box_jitter": 0.1, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 0.0, "inside_click_prob": 0.0, "box_alone_prob": 0.0}
+                "no_text_prob": 0.0, "inside_click_prob": 0.0, "box_alone_prob": 0.0, "interior_click_prob": 0.0}
     with torch.no_grad():
         text_only = MultiPromptStep(model)(image, texts)
         with_gestures = GestureStep(model, settings)(image, texts, targets)
@@ -134,7 +157,7 @@ def test_gestures_are_placed_on_the_labels_and_scored_against_the_loss_targets(u
     # box a user draws is the labels' box.
     fractions = torch.roll(labels, 5, dims=1).float() * 0.9
     settings = {"rounds": 2, "box_prob": 1.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 0.0, "inside_click_prob": 1.0, "box_alone_prob": 0.0}
+                "no_text_prob": 0.0, "inside_click_prob": 1.0, "box_alone_prob": 0.0, "interior_click_prob": 0.0}
     with torch.no_grad():
         pairs = GestureStep(model, settings)(torch.rand(1, 1, 32, 32, 32), [["liver", "spleen"]], [labels], [fractions])[0]
     assert torch.equal(pairs[0][1], fractions)
@@ -154,7 +177,7 @@ def test_gesture_rounds_without_text_start_from_an_empty_mask(untrained_small_to
     monkeypatch.setattr(model, "decode", recording)
     target = cube((32,) * 3)
     settings = {"rounds": 2, "box_prob": 0.0, "box_jitter": 0.0, "max_structures": 4, "weight": 1.0,
-                "no_text_prob": 1.0, "inside_click_prob": 0.0, "box_alone_prob": 0.0}
+                "no_text_prob": 1.0, "inside_click_prob": 0.0, "box_alone_prob": 0.0, "interior_click_prob": 0.0}
     with torch.no_grad():
         pairs = GestureStep(model, settings)(torch.rand(1, 1, 32, 32, 32), [["liver"]], [target[None]])[0]
     assert len(pairs) == 3

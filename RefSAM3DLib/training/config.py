@@ -72,12 +72,16 @@ TRAINING_DEFAULTS = {
         "inside_click_prob": 0.0,
         # Fraction of the first rounds with a box that carry no click: a box drawn alone.
         "box_alone_prob": 0.0,
+        # Fraction of windows whose clicks land at the most interior voxels of their region (the
+        # structure, or the error) instead of uniformly in it: where a careful user clicks.
+        "interior_click_prob": 0.0,
     },
 }
 
 _INTERACTIVE_RANGES = {"rounds": (1, 20), "box_prob": (0.0, 1.0), "box_jitter": (0.0, 1.0),
                        "max_structures": (1, 64), "weight": (0.0, 100.0), "no_text_prob": (0.0, 1.0),
-                       "inside_click_prob": (0.0, 1.0), "box_alone_prob": (0.0, 1.0)}
+                       "inside_click_prob": (0.0, 1.0), "box_alone_prob": (0.0, 1.0),
+                       "interior_click_prob": (0.0, 1.0)}
 
 
 def load_config(source: dict | str | Path) -> dict:

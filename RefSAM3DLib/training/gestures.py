@@ -13,13 +13,21 @@ structure present in the window is decoded again for a few rounds, as a user wou
   negative inside the false positives of the previous round, whichever is larger, at a voxel of
   that region drawn uniformly. Clicks accumulate, as a user's do.
 
+With ``interior_click_prob`` a window's clicks land instead at the most interior voxels of their
+region (the structure, or the error): where a careful user clicks, and where the interactive
+issue's protocol (``scripts/evaluate_interactive.py``) and the SAM-Med3D and nnInteractive
+benchmarks click. Uniform clicks alone put most of the first clicks near the structure's boundary
+(a sphere holds half its volume in its outer fifth), the centre rarely.
+
 Predictions that place the next click are detached: no gradient flows between rounds (as SAM's
 iterative training). Coordinates are window voxels ``(d, h, w)``, the decoder's.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from ..model.refsam3d import PromptEmbeddings
 
@@ -43,18 +51,40 @@ def click_in(region: torch.Tensor, generator: torch.Generator | None = None) -> 
     return coords[int(torch.randint(len(coords), (1,), generator=generator))].float()
 
 
-def corrective_click(prediction: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, int] | None:
+def most_interior(region: torch.Tensor) -> torch.Tensor:
+    """The voxels of a non-empty ``(D, H, W)`` bool region farthest inside it (chessboard distance
+    to its outside, the window's edge counting as outside), as a bool mask of the same shape.
+
+    SciPy's chamfer distance on the region's bounding box: 9 ms for a liver-sized region of a
+    96^3 window, where repeated 3^3 erosions with torch took 0.26 s and slowed a training step
+    six-fold."""
+    coords = torch.nonzero(region)
+    low, high = coords.min(dim=0).values.tolist(), (coords.max(dim=0).values + 1).tolist()
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    crop = np.pad(region[box].cpu().numpy(), 1)
+    depth = ndimage.distance_transform_cdt(crop, metric="chessboard")[1:-1, 1:-1, 1:-1]
+    deepest = torch.zeros_like(region)
+    deepest[box] = torch.from_numpy(depth == depth.max()).to(region.device)
+    return deepest
+
+
+def click_at(region: torch.Tensor, interior: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A click ``(3,)`` in a non-empty region: at one of its most interior voxels, or uniformly."""
+    return click_in(most_interior(region) if interior else region, generator)
+
+
+def corrective_click(prediction: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None,
+                     interior: bool = False) -> tuple[torch.Tensor, int] | None:
     """The click a user makes on the larger error of ``prediction`` against ``target`` (both
     ``(D, H, W)`` bool): ``(point (3,), 1)`` inside a missed region, ``(point, 0)`` inside a false
-    positive; None when the prediction is exact."""
+    positive (at its most interior voxels with ``interior``); None when the prediction is exact."""
     missed, extra = target & ~prediction, prediction & ~target
     n_missed, n_extra = int(missed.sum()), int(extra.sum())
     if n_missed == 0 and n_extra == 0:
         return None
     if n_missed >= n_extra:
-        return click_in(missed, generator), 1
-    return click_in(extra, generator), 0
+        return click_at(missed, interior, generator), 1
+    return click_at(extra, interior, generator), 0
 
 
 def subset(prompts: PromptEmbeddings, indices: list[int]) -> PromptEmbeddings:
@@ -66,7 +96,7 @@ def subset(prompts: PromptEmbeddings, indices: list[int]) -> PromptEmbeddings:
 
 def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rounds: int, box_prob: float,
                    box_jitter: float, inside_click_prob: float = 0.0, box_alone_prob: float = 0.0,
-                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                   interior_click_prob: float = 0.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Decode ``rounds`` rounds of simulated gestures for P structures present in a window.
 
     Args:
@@ -80,6 +110,8 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
         inside_click_prob: probability that round 1's click is a positive click drawn uniformly
             inside the structure rather than on the error of round 0 (one draw for the P prompts).
         box_alone_prob: probability that a round 1 with a box has no click (one draw).
+        interior_click_prob: probability that every click lands at the most interior voxels of
+            its region rather than uniformly in it (one draw).
 
     Returns:
         the logits ``(1, P, D, H, W)`` of every round.
@@ -90,6 +122,7 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
     # No draw when the option is off, so that older recipes replay the same random numbers.
     click_inside = inside_click_prob > 0 and float(torch.rand(1, generator=generator)) < inside_click_prob
     box_alone = use_box and box_alone_prob > 0 and float(torch.rand(1, generator=generator)) < box_alone_prob
+    interior = interior_click_prob > 0 and float(torch.rand(1, generator=generator)) < interior_click_prob
     boxes = torch.stack([jittered_box(t, box_jitter, generator) for t in target]) if use_box else None
     points = torch.zeros(p, 0, 3, device=target.device)
     labels = torch.zeros(p, 0, dtype=torch.long, device=target.device)
@@ -101,9 +134,9 @@ def gesture_rounds(decode, first_logits: torch.Tensor, target: torch.Tensor, rou
             if round_index == 0 and box_alone:
                 click = None
             elif round_index == 0 and click_inside:
-                click = click_in(target[i], generator), 1
+                click = click_at(target[i], interior, generator), 1
             else:
-                click = corrective_click(previous[i], target[i], generator)
+                click = corrective_click(previous[i], target[i], generator, interior)
             # An exact prediction (or a box alone) gets a padding point (label -1), so the P
             # prompts stay one batch.
             point, label = click if click is not None else (torch.zeros(3, device=target.device), -1)

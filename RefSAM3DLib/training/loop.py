@@ -132,7 +132,8 @@ class GestureStep(MultiPromptStep):
 
                 rounds = gesture_rounds(decode, first_logits, target[present], self.settings["rounds"],
                                         self.settings["box_prob"], self.settings["box_jitter"],
-                                        self.settings["inside_click_prob"], self.settings["box_alone_prob"])
+                                        self.settings["inside_click_prob"], self.settings["box_alone_prob"],
+                                        self.settings["interior_click_prob"])
                 pairs += [(round_logits, loss_target[present]) for round_logits in rounds]
             out.append(pairs)
         return out
