@@ -127,6 +127,8 @@ def main(argv=None) -> int:
                         help="for cases whose dataset does not state it")
     parser.add_argument("--structures", nargs="*", default=None, help="structure keys (default: every labelled one)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--overlap", type=float, default=RunOptions.overlap,
+                        help=f"sliding-window overlap (default {RunOptions.overlap}, the engine's)")
     parser.add_argument("--output", required=True, help="report folder")
     args = parser.parse_args(argv)
 
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
              for c in cases_from_path(args.data)]
     if args.cases:
         cases = [c for c in cases if c.case_id in set(args.cases)]
-    options = RunOptions(device=args.device, model=args.model)
+    options = RunOptions(device=args.device, model=args.model, overlap=args.overlap)
     model = run_model(options)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
