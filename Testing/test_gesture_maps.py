@@ -10,7 +10,7 @@ import torch
 from conftest import assert_every_parameter_learns
 
 from RefSAM3DLib.model import MODEL_CONFIGS
-from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, GestureMaps, draw_maps, intensity_maps
+from RefSAM3DLib.model.gesture_maps import BOX_REACH_VOX, FAR_SIGMA_VOX, MAP_CHANNELS, GestureMaps, draw_maps
 from RefSAM3DLib.model.prompt_encoder import NO_TEXT_PROMPT
 
 torch.set_num_threads(1)
@@ -127,16 +127,28 @@ def test_a_model_gaining_the_text_biases_answers_exactly_as_before_until_it_trai
 def test_the_intensity_maps_mark_the_voxels_as_bright_as_the_clicked_one():
     image = torch.full((1, 1, SIZE, SIZE, SIZE), 0.3)
     image[..., 20:] = 0.6  # bile-like tissue where w < 20, brighter tissue elsewhere (0.3 apart: 120 HU)
+    features = torch.randn(1, 2, SIZE, SIZE, SIZE)
     clicks, labels = torch.tensor([[10.0, 10.0, 5.0], [30.0, 30.0, 30.0]]), torch.tensor([1, 0])
-    maps = intensity_maps(image, clicks, labels, [0, 0, 0])[0]
+
+    def intensity_maps(image, clicks, labels, origin):
+        crop = features[..., origin[0]:, origin[1]:, origin[2]:]
+        with_image = draw_maps(crop, clicks, labels, None, origin, image)
+        assert torch.equal(with_image[:, :MAP_CHANNELS], draw_maps(crop, clicks, labels, None, origin))
+        return with_image[0, MAP_CHANNELS:]
+
+    maps = intensity_maps(image, clicks, labels, [0, 0, 0])
     image_map, same_pos, same_neg = maps
     assert torch.equal(image_map, image[0, 0])
     assert same_pos[39, 0, 0] == 1 and same_pos[0, 0, 25] < 1e-6  # far but alike; near but not
     assert same_neg[0, 0, 39] == 1 and same_neg[39, 39, 0] < 1e-6
-    positives_only = intensity_maps(image, clicks[:1], labels[:1], [0, 0, 0])[0]
+    positives_only = intensity_maps(image, clicks[:1], labels[:1], [0, 0, 0])
     assert torch.equal(positives_only[1], same_pos) and not positives_only[2].any()
+    # Several clicks of a kind: each voxel compares with its nearest one's intensity.
+    two = intensity_maps(image, torch.tensor([[10.0, 10.0, 5.0], [10.0, 10.0, 25.0]]), torch.tensor([1, 1]), [0, 0, 0])
+    assert two[1, 10, 10, 12] == 1 and two[1, 10, 10, 30] == 1
+    assert two[1, 10, 10, 17] < 1e-6  # dark, but nearer the click in the bright tissue
     # Offset crops draw the same maps (window coordinates throughout).
-    crop = intensity_maps(image[..., 8:, 4:, 2:], clicks, labels, [8, 4, 2])[0]
+    crop = intensity_maps(image[..., 8:, 4:, 2:], clicks, labels, [8, 4, 2])
     assert torch.allclose(crop, maps[:, 8:, 4:, 2:])
 
 
