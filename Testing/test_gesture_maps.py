@@ -106,16 +106,21 @@ def test_a_model_gaining_the_gesture_maps_answers_exactly_as_before_until_it_tra
         assert not torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
 
 
+def share_a_trained_mlp(older, grown):
+    """Give both models the same trained gesture-map MLP; returns a window and a click on it."""
+    torch.nn.init.normal_(older.mask_decoder.gesture_maps.head[-1].weight)
+    grown.mask_decoder.gesture_maps.head.load_state_dict(older.mask_decoder.gesture_maps.head.state_dict())
+    size = MODEL_CONFIGS["small"].window_size_vox
+    image = torch.rand(1, 1, size, size, size)
+    return image, dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]))
+
+
 def test_a_model_gaining_the_text_biases_answers_exactly_as_before_until_it_trains(model_gaining):
     older, grown = model_gaining("gesture_text_biases")
     assert older.mask_decoder.gesture_maps.text_first_bias is None
     assert set(grown.trainable_state_dict()) - set(older.trainable_state_dict()) == {
         "mask_decoder.gesture_maps.text_first_bias", "mask_decoder.gesture_maps.text_last_bias"}
-    torch.nn.init.normal_(older.mask_decoder.gesture_maps.head[-1].weight)  # a trained MLP, in both
-    grown.mask_decoder.gesture_maps.head.load_state_dict(older.mask_decoder.gesture_maps.head.state_dict())
-    size = MODEL_CONFIGS["small"].window_size_vox
-    image = torch.rand(1, 1, size, size, size)
-    gesture = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]))
+    image, gesture = share_a_trained_mlp(older, grown)
     with torch.no_grad():
         for prompt in ("liver", NO_TEXT_PROMPT):
             assert torch.equal(older(image, [prompt], **gesture), grown(image, [prompt], **gesture))
@@ -174,11 +179,7 @@ def test_a_model_gaining_the_intensity_weights_answers_exactly_as_before_until_i
     assert older.mask_decoder.gesture_maps.intensity_in is None
     assert set(grown.trainable_state_dict()) - set(older.trainable_state_dict()) == {
         "mask_decoder.gesture_maps.intensity_in.weight"}
-    torch.nn.init.normal_(older.mask_decoder.gesture_maps.head[-1].weight)  # a trained MLP, in both
-    grown.mask_decoder.gesture_maps.head.load_state_dict(older.mask_decoder.gesture_maps.head.state_dict())
-    size = MODEL_CONFIGS["small"].window_size_vox
-    image = torch.rand(1, 1, size, size, size)
-    gesture = dict(points_dhw=torch.tensor([[[40.0, 40.0, 40.0]]]), point_labels=torch.tensor([[1]]))
+    image, gesture = share_a_trained_mlp(older, grown)
     with torch.no_grad():
         assert torch.equal(older(image, ["liver"], **gesture), grown(image, ["liver"], **gesture))
         torch.nn.init.normal_(grown.mask_decoder.gesture_maps.intensity_in.weight)
