@@ -93,8 +93,8 @@ class GestureMaps(nn.Module):
 
     def __init__(self, pixel_dim: int, hidden: int = 16, text_biases: bool = False, intensity: bool = False) -> None:
         super().__init__()
-        # Pointwise layers, kept as 1x1x1 convolutions (their weights' names); forward runs them
-        # as matrix products (``_pointwise``).
+        # Pointwise layers (and ``intensity_in`` below), kept as 1x1x1 convolutions for their
+        # weights' names in checkpoints; forward runs them as matrix products (``_pointwise``).
         self.head = nn.Sequential(
             nn.Conv3d(pixel_dim + MAP_CHANNELS + 1, hidden, kernel_size=1), nn.GELU(),
             nn.Conv3d(hidden, hidden, kernel_size=1), nn.GELU(),
@@ -235,8 +235,8 @@ def draw_maps(features: torch.Tensor, clicks: torch.Tensor, labels: torch.Tensor
             similarity = similarity.gather(1, nearest.expand(batch, 1, *shape))
         like.append(similarity[:, 0] * inverse_length[:, 0])
         if image is not None:
-            at_clicks = _neighbourhood_means(image[:, 0], inside)  # (B, N)
-            reference = at_clicks[:, nearest] if len(chosen) > 1 else at_clicks[:, :1, None, None]
+            clicked_intensity = _neighbourhood_means(image[:, 0], inside)  # (B, N)
+            reference = clicked_intensity[:, nearest] if len(chosen) > 1 else clicked_intensity[:, :1, None, None]
             same.append(torch.exp(-(image[:, 0] - reference) ** 2 / (2 * INTENSITY_SIGMA ** 2)))
     spatial = torch.stack(maps + near + far)[None].expand(batch, -1, -1, -1, -1)
     channels = [spatial, torch.stack(like, dim=1)]
