@@ -51,13 +51,18 @@ STAGES = REFINEMENT + ["no_text", "box"]
 ISSUE_STRUCTURES = ["spleen", "kidney_right", "kidney_left", "gallbladder", "pancreas", "stomach"]
 
 
-def most_interior_voxel(region: np.ndarray) -> tuple[int, int, int]:
-    """``(k, j, i)`` of a non-empty bool region farthest from its boundary."""
-    distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
+def most_interior_voxel(region: np.ndarray, spacing_kji=(1.0, 1.0, 1.0)) -> tuple[int, int, int]:
+    """``(k, j, i)`` of a non-empty bool region farthest from its boundary, in millimetres.
+
+    Why millimetres: CT and MR slices are 2-8 mm apart and their pixels ~1 mm, so a distance in
+    voxel steps takes a slice for a pixel and puts the "most interior" voxel near a structure's
+    side (the btcv_0037 stomach: 11.6 mm deep against 24.6 mm for the deepest voxel)."""
+    distance = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing_kji)[1:-1, 1:-1, 1:-1]
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(distance)), region.shape))
 
 
-def largest_error_click(prediction: np.ndarray, reference: np.ndarray) -> tuple[tuple[int, int, int], int] | None:
+def largest_error_click(prediction: np.ndarray, reference: np.ndarray, spacing_kji=(1.0, 1.0, 1.0)
+                        ) -> tuple[tuple[int, int, int], int] | None:
     """The click a careful user makes: inside the largest connected error region, at its most
     interior voxel; label 1 where the region was missed, 0 where it is a false positive."""
     best = None
@@ -71,7 +76,7 @@ def largest_error_click(prediction: np.ndarray, reference: np.ndarray) -> tuple[
             best = (sizes[largest - 1], components == largest, label)
     if best is None:
         return None
-    return most_interior_voxel(best[1]), best[2]
+    return most_interior_voxel(best[1], spacing_kji), best[2]
 
 
 def kji_to_ras(voxels_kji, ijk_to_ras: np.ndarray) -> np.ndarray:
@@ -99,10 +104,10 @@ def refine_structure(session: InteractiveSession, prompt: str, reference: np.nda
     mask = session.segment(prompt).segments[0].mask.astype(bool)
     results["text"] = stage_metrics(mask, reference, spacing_kji)
     box = bounding_box_ras(reference, ijk_to_ras)
-    clicks_kji, labels = [most_interior_voxel(reference)], [1]
+    clicks_kji, labels = [most_interior_voxel(reference, spacing_kji)], [1]
     for previous, stage in zip(REFINEMENT, REFINEMENT[1:]):
         if stage != "box_click":
-            click = largest_error_click(mask, reference)
+            click = largest_error_click(mask, reference, spacing_kji)
             if click is None:  # already exact: the user stops clicking
                 results[stage] = results[previous]
                 continue
