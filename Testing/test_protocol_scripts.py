@@ -1,0 +1,56 @@
+"""The measuring scripts' own geometry: the interactive protocol clicks where a structure is deepest
+in millimetres (scripts/evaluate_interactive.py), and the model grid's ceiling answers to the grid's
+spacing (scripts/model_space_ceiling.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from RefSAM3DLib import preprocess
+from RefSAM3DLib.volume import Volume
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_protocols_click_lies_where_the_structure_is_deepest_in_millimetres():
+    evaluate_interactive = load_script("evaluate_interactive")
+    spacing_kji = (4.0, 1.0, 1.0)  # 4 mm slices, 1 mm pixels, as thick-slice CT
+    k, j, i = np.mgrid[0:24, 0:60, 0:90]
+    # A ball 12 mm in radius (3 slices, 12 pixels) and, beside it, a slab 7 slices (28 mm) thick but
+    # only 8 pixels (8 mm) wide: in voxel steps the slab looks deeper (3.5 against 3), in mm it is 4 mm deep.
+    ball = ((k - 12) * 4.0) ** 2 + (j - 30.0) ** 2 + (i - 20.0) ** 2 <= 12.0 ** 2
+    slab = (k >= 9) & (k < 16) & (j >= 26) & (j < 34) & (i >= 40) & (i < 85)
+    click = evaluate_interactive.most_interior_voxel(ball | slab, spacing_kji)
+    assert click[0] == 12 and abs(click[1] - 30) <= 1 and abs(click[2] - 20) <= 1
+    in_voxel_steps = evaluate_interactive.most_interior_voxel(ball | slab)
+    assert in_voxel_steps[2] >= 40  # what the protocol did before: a click in the thin slab
+
+
+def test_the_model_grids_ceiling_falls_as_the_grid_coarsens():
+    model_space_ceiling = load_script("model_space_ceiling")
+    k, j, i = np.mgrid[0:40, 0:64, 0:64]
+    spacing = np.array([1.5, 1.5, 2.5])  # (i, j, k) mm
+    ball = ((i - 32) * 1.5) ** 2 + ((j - 32) * 1.5) ** 2 + ((k - 20) * 2.5) ** 2 <= 20.0 ** 2
+    ijk_to_ras = np.diag([*(-spacing[:2]), spacing[2], 1.0])  # LPS-stored, as DICOM
+    image = Volume(np.where(ball, 40.0, -100.0).astype(np.float32), ijk_to_ras, modality="CT")
+    label = Volume(ball.astype(np.uint8), ijk_to_ras)
+
+    def ceiling(spacing_mm: float) -> float:
+        _, grid = preprocess.to_model_space(image, (spacing_mm,) * 3,
+                                            preprocess.IntensitySettings("CT", (-125.0, 275.0), (0.5, 99.5)))
+        mask = model_space_ceiling.round_trip(label, grid, 1)
+        return 2 * (mask & ball).sum() / (mask.sum() + ball.sum())
+
+    fine, coarse = ceiling(3.0), ceiling(12.0)
+    assert fine > 0.97  # a 20 mm ball survives 3 mm voxels
+    assert coarse < fine - 0.02  # 12 mm voxels cost it its shape
