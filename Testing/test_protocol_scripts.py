@@ -54,3 +54,33 @@ def test_the_model_grids_ceiling_falls_as_the_grid_coarsens():
     fine, coarse = ceiling(3.0), ceiling(12.0)
     assert fine > 0.97  # a 20 mm ball survives 3 mm voxels
     assert coarse < fine - 0.02  # 12 mm voxels cost it its shape
+
+
+def test_averaging_runs_means_their_trained_weights_and_refuses_other_models(untrained_model_dir, tmp_path):
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from RefSAM3DLib.checkpoint import load_model, save_checkpoint
+    from RefSAM3DLib.errors import RefSAM3DError
+    from RefSAM3DLib.model.build import build_model
+
+    average_checkpoints = load_script("average_checkpoints")
+    model = load_model(untrained_model_dir)
+    bias = model.mask_decoder.gesture_maps.text_last_bias
+    with torch.no_grad():
+        bias.fill_(2.0)
+    save_checkpoint(model, tmp_path / "run", {"name": "run"})
+    averaged = average_checkpoints.average_checkpoints([untrained_model_dir, tmp_path / "run"], tmp_path / "soup")
+    assert averaged == ["mask_decoder.gesture_maps.text_last_bias"]  # the only weight the runs disagree on
+    soup = load_model(tmp_path / "soup")  # a verified checkpoint folder
+    assert soup.mask_decoder.gesture_maps.text_last_bias.item() == 1.0
+    assert torch.equal(soup.mask_decoder.hypernetwork.layers[0].weight, model.mask_decoder.hypernetwork.layers[0].weight)
+    assert soup.metadata["averaged_from"] == [str(untrained_model_dir), str(tmp_path / "run")]
+
+    other = build_model(dataclasses.replace(model.config, gesture_intensity=False))
+    save_checkpoint(other, tmp_path / "other", {"name": "other"})
+    with pytest.raises(RefSAM3DError, match="another model config"):
+        average_checkpoints.average_checkpoints([untrained_model_dir, tmp_path / "other"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
