@@ -17,7 +17,7 @@ from .errors import RefSAM3DError
 from .vocabulary import STRUCTURES
 
 BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
-BUNDLED_MODEL_DIR = BUNDLED_MODELS / "refsam3d-small-v14"
+BUNDLED_MODEL_DIR = BUNDLED_MODELS / "refsam3d-small-v15"
 """The bundled default model; defined here, torch-free, so that the Slicer panel can read it (``checkpoint`` uses it too)."""
 
 

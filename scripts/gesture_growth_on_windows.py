@@ -1,7 +1,7 @@
 """Does the first gesture grow what text already gets right, on the windows it trained on?
 
     python scripts/gesture_growth_on_windows.py --config configs/train_small_v16.yaml \
-        --model RefSAM3DLib/models/refsam3d-small-v14 --windows 40
+        --model RefSAM3DLib/models/refsam3d-small-v15 --windows 40
 
 Windows are drawn as training draws them (the config's cache and split, crops centred on a
 structure) but not augmented. For every structure of ``--structures`` lying whole inside a window,
