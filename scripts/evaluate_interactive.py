@@ -10,7 +10,7 @@ reference label:
 
 * ``text``: the structure's name alone;
 * ``box_click``: text + the reference's bounding box + one positive click at its most interior
-  voxel (largest distance to the boundary);
+  voxel (largest distance to the boundary, in millimetres);
 * ``click1`` .. ``click3``: ``box_click`` plus 1, 2, 3 simulated corrective clicks, each at the
   most interior voxel of the largest connected error region of the previous answer (positive in
   a missed region, negative in a false positive), accumulating as a user's clicks do;
