@@ -178,9 +178,9 @@ def evaluate(model, dataset_cases: Iterable[Case], output_dir,
     return rows
 
 
-def evaluate_command(data, output_dir, options: RunOptions = RunOptions(), case_names: Sequence[str] | None = None,
-                     tolerance_mm: float = 2.0, modality: str | None = None) -> Path:
-    """``refsam3d evaluate``: returns the path of ``report.md``.
+def select_cases(data, case_names: Sequence[str] | None = None, modality: str | None = None) -> list[Case]:
+    """The cases of the dataset at ``data`` (:func:`datasets.cases_from_path`), only ``case_names``
+    when given (RefSAM3DError naming any the data lacks).
 
     ``modality`` applies to every case that does not state its own (a windowed CT such as the BTCV
     copies has no air voxels, so its modality cannot be guessed from intensities).
@@ -191,7 +191,13 @@ def evaluate_command(data, output_dir, options: RunOptions = RunOptions(), case_
         if missing:
             raise RefSAM3DError(f"Unknown case(s) {', '.join(missing)}; the data holds {', '.join(c.case_id for c in cases)}.")
         cases = [c for c in cases if c.case_id in set(case_names)]
-    evaluate(None, cases, output_dir, options=options, tolerance_mm=tolerance_mm)
+    return cases
+
+
+def evaluate_command(data, output_dir, options: RunOptions = RunOptions(), case_names: Sequence[str] | None = None,
+                     tolerance_mm: float = 2.0, modality: str | None = None) -> Path:
+    """``refsam3d evaluate``: returns the path of ``report.md`` (``select_cases`` for the arguments)."""
+    evaluate(None, select_cases(data, case_names, modality), output_dir, options=options, tolerance_mm=tolerance_mm)
     return Path(output_dir) / "report.md"
 
 

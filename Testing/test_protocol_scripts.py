@@ -4,22 +4,11 @@ spacing (scripts/model_space_ceiling.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+from conftest import load_script
 
 from RefSAM3DLib import preprocess
 from RefSAM3DLib.volume import Volume
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_protocols_click_lies_where_the_structure_is_deepest_in_millimetres():

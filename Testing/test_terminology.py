@@ -4,21 +4,16 @@ terminology file is loaded as the Slicer module loads it at startup."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from conftest import load_script
 
 from RefSAM3DLib import mrml
 from RefSAM3DLib.vocabulary import REFSAM3D_CONTEXT, STRUCTURES, TERMINOLOGY_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_terminology", ROOT / "scripts" / "make_terminology.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_terminology")
 
 
 def test_every_vocabulary_structure_resolves_in_slicers_terminology_logic(slicer_app, terminology_problem):

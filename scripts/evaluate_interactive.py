@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +37,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from RefSAM3DLib.datasets import cases_from_path  # noqa: E402
-from RefSAM3DLib.evaluation import case_metrics, default_prompt  # noqa: E402
+from RefSAM3DLib.evaluation import case_metrics, default_prompt, select_cases  # noqa: E402
 from RefSAM3DLib.inference import model_name, model_version, run_model  # noqa: E402
 from RefSAM3DLib.interactive import InteractiveSession  # noqa: E402
 from RefSAM3DLib.run_options import RunOptions  # noqa: E402
@@ -137,10 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="report folder")
     args = parser.parse_args(argv)
 
-    cases = [c if c.modality or not args.modality else replace(c, modality=args.modality)
-             for c in cases_from_path(args.data)]
-    if args.cases:
-        cases = [c for c in cases if c.case_id in set(args.cases)]
+    cases = select_cases(args.data, args.cases, args.modality)
     options = RunOptions(device=args.device, model=args.model, overlap=args.overlap)
     model = run_model(options)
     output = Path(args.output)

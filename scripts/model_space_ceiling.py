@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from RefSAM3DLib import preprocess  # noqa: E402
-from RefSAM3DLib.datasets import cases_from_path  # noqa: E402
-from RefSAM3DLib.evaluation import case_metrics  # noqa: E402
+from RefSAM3DLib.evaluation import case_metrics, select_cases  # noqa: E402
 from RefSAM3DLib.model.config import MODEL_CONFIGS  # noqa: E402
 from RefSAM3DLib.volume_reader import read_volume  # noqa: E402
 
@@ -52,10 +50,7 @@ def main(argv=None) -> int:
 
     config = MODEL_CONFIGS[args.config]
     spacing = (args.spacing,) * 3 if args.spacing else config.spacing_mm
-    cases = [c if c.modality or not args.modality else replace(c, modality=args.modality)
-             for c in cases_from_path(args.data)]
-    if args.cases:
-        cases = [c for c in cases if c.case_id in set(args.cases)]
+    cases = select_cases(args.data, args.cases, args.modality)
     dice: dict[str, list[float]] = {}
     for case in cases:
         image = read_volume(case.image_path, modality=case.modality, frame=case.frame)
