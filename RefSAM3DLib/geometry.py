@@ -255,6 +255,12 @@ def points_in_window(points_dhw: np.ndarray, window_start_dhw, window_size_vox: 
     return np.all((local >= -0.5) & (local < window_size_vox - 0.5), axis=1)
 
 
+def window_holds_box(box_dhw: np.ndarray, window_start_dhw, window_size_vox: int) -> bool:
+    """Whether a model-space box ``(6,)`` lies wholly inside the window (no clipping needed)."""
+    low = np.asarray(window_start_dhw, dtype=np.float64) - 0.5
+    return bool(np.all(np.asarray(box_dhw[:3]) >= low) and np.all(np.asarray(box_dhw[3:]) < low + window_size_vox))
+
+
 def box_in_window(box_dhw: np.ndarray, window_start_dhw, window_size_vox: int) -> np.ndarray | None:
     """A model-space box ``(6,)`` in window voxels, clipped to the window; None when they do not meet."""
     start = np.asarray(window_start_dhw, dtype=np.float64)

@@ -8,11 +8,18 @@ The 3D version of SAM's ``SamPredictor`` (``set_image`` once, ``predict`` many t
     boxed = session.segment(None, box_ras=(r1, a1, s1, r2, a2, s2))   # "the structure in this box"
 
 Spatial prompts are RAS millimetres (Slicer's world space); :mod:`RefSAM3DLib.geometry` takes
-them to model-space voxels. Each window is decoded with the points that fall inside it and the
-box clipped to it; a window the gesture does not touch answers from the text alone (kept from the
-prompt's first answer), or, with no text or beyond a box's reach, contributes nothing. Windows
-are those of the engine (MONAI's sliding window with Gaussian blending), so a text-only answer
-equals :func:`RefSAM3DLib.inference.segment`'s.
+them to model-space voxels. Windows are those of the engine (MONAI's sliding window with Gaussian
+blending), so a text-only answer equals :func:`RefSAM3DLib.inference.segment`'s.
+
+A gesture with a box is answered by the windows that hold the whole of it (the box and every
+click), blended with the same Gaussian weights: only they see it as training showed it (every
+gestured training window held its structure's whole box and click; a window holding part of the
+box reads the clipped box's edge as the structure's). On the interactive protocol this raised
+text + box + click from 0.798 to 0.801 (pancreas and stomach, which span windows), README. Where
+no window holds the gesture (a box larger than a window), each window is decoded with the points
+that fall inside it and the box clipped to it; a window the gesture does not touch answers from
+the text alone (kept from the prompt's first answer), or, with no text or beyond a box's reach,
+contributes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from monai.data.utils import compute_importance_map
 
 from . import geometry, preprocess
 from .errors import RefSAM3DError
@@ -116,9 +124,9 @@ class InteractiveSession:
     refined, its text-only answer (small config: ~34 MB per 96^3 window with bfloat16 features;
     vit_b: ~170 MB per 128^3 window), checked against the free memory before encoding.
 
-    Speed: a gesture decodes only the windows it touches (a click's windows, a box's windows with
-    those within its reach); the others give the prompt's text-only answer, kept from its first
-    answer, and text embeddings are kept per window too. Every answer equals one computed afresh.
+    Speed: a gesture decodes only the windows it needs (those holding a box gesture whole; else a
+    click's windows, a box's windows with those within its reach); the others give the prompt's
+    text-only answer, kept from its first answer, and text embeddings are kept per window too. Every answer equals one computed afresh.
     """
 
     def __init__(self, volume: Volume, model=None, options: RunOptions = RunOptions(), progress=None) -> None:
@@ -238,10 +246,12 @@ class InteractiveSession:
                 cache.answers[start] = probabilities
             return cache.answers[start].clone()  # MONAI weights what it is given in place
 
+        holding = [] if box_dhw is None else self._windows_holding(points_dhw, box_dhw)
         # One autocast for every window: its cache of the weights' bfloat16 copies lives as long as
         # the context (one per window cast them again: ~3000 copies, 30 ms of a 0.25 s gesture).
         with network_precision(self.device):
-            probabilities = self._sliding(decode, 1)  # (P, D, H, W), padded
+            # (P, D, H, W), padded
+            probabilities = self._blend_windows(decode, holding) if holding else self._sliding(decode, 1)
         d, h, w = self.pad_before
         probabilities = probabilities[:, d:d + self.model_shape_dhw[0], h:h + self.model_shape_dhw[1],
                                       w:w + self.model_shape_dhw[2]]
@@ -268,6 +278,29 @@ class InteractiveSession:
                 return cache
             self._cache = cache
         return self._cache
+
+    def _windows_holding(self, points_dhw: np.ndarray, box_dhw: np.ndarray) -> list[tuple[int, int, int]]:
+        """Starts of the windows that hold the whole box and every point (padded voxels)."""
+        return [start for start in self._features
+                if geometry.window_holds_box(box_dhw, start, self.window)
+                and geometry.points_in_window(points_dhw, start, self.window).all()]
+
+    def _blend_windows(self, decode, starts) -> torch.Tensor:
+        """``decode``'s answers for the windows at ``starts``, blended with the Gaussian weights the
+        engine's sliding window gives a window (MONAI's, sigma 1/8 of the window): ``(P, D, H, W)``
+        over the padded image, 0 where none of them reaches."""
+        weight = compute_importance_map((self.window,) * 3, mode="gaussian", sigma_scale=0.125).float()
+        total = weights = None
+        for start in starts:
+            region = (slice(None), slice(None)) + tuple(slice(s, s + self.window) for s in start)
+            with torch.no_grad():
+                answer = decode(self._image[region].to(self.device), [region])[0].float().cpu()  # (P, w, w, w)
+            if total is None:
+                total = torch.zeros((answer.shape[0],) + tuple(self._image.shape[2:]))
+                weights = torch.zeros((1,) + tuple(self._image.shape[2:]))
+            total[region[1:]] += answer * weight
+            weights[region[1:]] += weight
+        return total / weights.clamp_min(torch.finfo(torch.float32).tiny)
 
     def _window_prompts(self, start, points_dhw: np.ndarray, labels: np.ndarray, box_dhw) -> dict:
         """The decoder's spatial arguments for the window at ``start``: its points and its part of

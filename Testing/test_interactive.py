@@ -78,14 +78,7 @@ def test_gestures_never_run_the_image_encoder_again(session):
 def test_a_click_reaches_every_window_holding_it_at_its_window_voxel(session, monkeypatch):
     point = centre_ras(session.volume)
     expected_dhw = np.linalg.solve(session.grid.model.ijk_to_ras, np.append(point, 1.0))[:3][::-1] + session.pad_before
-    seen = []
-    decode = session.model.decode
-
-    def recording(image, features, prompts, **spatial):
-        seen.append({k: v.clone() for k, v in spatial.items()})
-        return decode(image, features, prompts, **spatial)
-
-    monkeypatch.setattr(session.model, "decode", recording)
+    seen = record_decoded_gestures(session, monkeypatch)
     session.segment("liver", points_ras=[point], point_labels=[1])
     starts = [start for start in session._features
               if np.all((expected_dhw - start >= -0.5) & (expected_dhw - start < session.window - 0.5))]
@@ -137,6 +130,58 @@ def test_without_text_windows_the_gesture_misses_contribute_nothing(session):
     mask = session.segment(None, points_ras=[corner_ras(session.volume)]).segments[0].mask
     far_corner = mask[-3:, -3:, -3:]
     assert not far_corner.any()
+
+
+def record_decoded_gestures(session, monkeypatch) -> list[dict]:
+    """Each decoded window's spatial arguments (window voxels), as the decoder receives them."""
+    seen = []
+    decode = session.model.decode
+
+    def recording(image, features, prompts, **spatial):
+        seen.append({k: v.clone() for k, v in spatial.items()})
+        return decode(image, features, prompts, **spatial)
+
+    monkeypatch.setattr(session.model, "decode", recording)
+    return seen
+
+
+def box_on_model_grid(session, box_ras) -> np.ndarray:
+    """The box ``(6,)`` in voxels of the padded model-space image the windows are cut from."""
+    from RefSAM3DLib.geometry import box_ras_to_dhw
+    return box_ras_to_dhw(box_ras, session.volume, session.grid.model) + np.tile(session.pad_before, 2)
+
+
+def test_a_box_gesture_is_answered_by_the_windows_holding_it_whole(session, monkeypatch):
+    """As in training, where every gestured window held its structure's whole box and click: the
+    decoder sees the box unclipped, with the click, in every window it decodes, and only there."""
+    centre = centre_ras(session.volume)
+    box = np.concatenate([centre - 4.0, centre + 4.0])
+    box_dhw = box_on_model_grid(session, box)
+    holding = [start for start in session._features
+               if np.all(box_dhw[:3] >= np.array(start) - 0.5) and np.all(box_dhw[3:] < np.array(start) + session.window - 0.5)]
+    partly = [start for start in session._features if start not in holding
+              and np.all(box_dhw[3:] >= np.array(start) - 0.5) and np.all(box_dhw[:3] < np.array(start) + session.window - 0.5)]
+    assert holding and partly, "the box must lie whole in some windows and in part in others for this test to mean anything"
+    seen = record_decoded_gestures(session, monkeypatch)
+    answer = session.segment("liver", points_ras=[centre], point_labels=[1], box_ras=box)
+    assert len(seen) == len(holding)
+    decoded_boxes = sorted(tuple(np.round(s["boxes_dhw"][0].numpy(), 3)) for s in seen)
+    assert decoded_boxes == sorted(tuple(np.round(box_dhw - np.tile(start, 2), 3)) for start in holding)
+    assert all("points_dhw" in s for s in seen)
+    assert answer.segments[0].mask.shape == session.volume.shape_kji
+
+
+def test_a_box_no_window_holds_is_answered_from_its_clipped_parts(session, monkeypatch):
+    corner = corner_ras(session.volume)
+    far = (session.volume.ijk_to_ras @ np.append(np.array(session.volume.shape_kji[::-1]) - 2.0, 1.0))[:3]
+    box = np.concatenate([corner, far])  # the whole volume: wider than a window on the model grid
+    box_dhw = box_on_model_grid(session, box)
+    assert np.any(box_dhw[3:] - box_dhw[:3] >= session.window), "the box must not fit a window"
+    seen = record_decoded_gestures(session, monkeypatch)
+    session.segment("liver", box_ras=box)
+    assert len(seen) == session.window_count  # every window meets the box: each decodes its part
+    extents = [s["boxes_dhw"][0, 3:] - s["boxes_dhw"][0, :3] for s in seen]
+    assert all(np.all(e.numpy() <= session.window - 1) for e in extents)
 
 
 def test_a_box_keeps_the_structure_inside_it(tiny, oblique_ct):

@@ -10,7 +10,7 @@ from scipy.spatial.transform import Rotation
 from RefSAM3DLib import preprocess
 from RefSAM3DLib.errors import RefSAM3DError
 from RefSAM3DLib.geometry import (box_in_window, box_ras_to_dhw, nearest_voxel_kji, points_in_window,
-                                  ras_points_to_dhw, volume_from_sitk)
+                                  ras_points_to_dhw, volume_from_sitk, window_holds_box)
 from RefSAM3DLib.volume import Volume
 
 STORED = {
@@ -112,3 +112,10 @@ def test_window_keeps_its_points_and_clips_the_box():
     np.testing.assert_allclose(box_in_window(np.array([20.0, 5, 5, 60, 25, 25]), (40, 0, 0), 32),
                                [0, 5, 5, 20, 25, 25])
     assert box_in_window(np.array([0.0, 0, 0, 5, 5, 5]), (40, 0, 0), 32) is None
+
+
+def test_a_window_holds_a_box_only_whole():
+    assert window_holds_box(np.array([40.0, 0, 0, 71, 31, 31]), (40, 0, 0), 32)  # its first to last voxel
+    assert not window_holds_box(np.array([40.0, 0, 0, 72, 31, 31]), (40, 0, 0), 32)  # one voxel beyond
+    assert not window_holds_box(np.array([39.0, 0, 0, 50, 10, 10]), (40, 0, 0), 32)  # one before
+    assert not window_holds_box(np.array([20.0, 5, 5, 60, 25, 25]), (40, 0, 0), 32)  # clipped, not held

@@ -11,7 +11,7 @@ linear) and is thresholded at 0.5; printed: its Dice against the reference per c
 and the means. What it says: how much of a model's shortfall the grid (``--spacing``, default the
 config's) can explain. On the 3 held-out BTCV CTs at 3 mm (2026-12-05): 0.987 on the interactive
 issue's six structures, the 2.4 ml btcv_0024 gallbladder 0.956; refsam3d-small-v15's masks
-(text, box + click: 0.767, 0.798) fall short for other reasons than the grid.
+(text, box + click: 0.767, 0.801) fall short for other reasons than the grid.
 """
 
 from __future__ import annotations
