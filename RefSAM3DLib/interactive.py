@@ -126,7 +126,8 @@ class InteractiveSession:
 
     Speed: a gesture decodes only the windows it needs (those holding a box gesture whole; else a
     click's windows, a box's windows with those within its reach); the others give the prompt's
-    text-only answer, kept from its first answer, and text embeddings are kept per window too. Every answer equals one computed afresh.
+    text-only answer, kept from its first answer, and text embeddings are kept per window too.
+    Every answer equals one computed afresh.
     """
 
     def __init__(self, volume: Volume, model=None, options: RunOptions = RunOptions(), progress=None) -> None:
