@@ -157,11 +157,11 @@ def test_a_box_gesture_is_answered_by_the_windows_holding_it_whole(session, monk
     centre = centre_ras(session.volume)
     box = np.concatenate([centre - 4.0, centre + 4.0])
     box_dhw = box_on_model_grid(session, box)
-    holding = [start for start in session._features
-               if np.all(box_dhw[:3] >= np.array(start) - 0.5) and np.all(box_dhw[3:] < np.array(start) + session.window - 0.5)]
-    partly = [start for start in session._features if start not in holding
-              and np.all(box_dhw[3:] >= np.array(start) - 0.5) and np.all(box_dhw[:3] < np.array(start) + session.window - 0.5)]
-    assert holding and partly, "the box must lie whole in some windows and in part in others for this test to mean anything"
+    first = {start: np.array(start) - 0.5 for start in session._features}  # a window's voxels: [first, first + size)
+    holding = [s for s, f in first.items() if np.all(box_dhw[:3] >= f) and np.all(box_dhw[3:] < f + session.window)]
+    partly = [s for s, f in first.items() if s not in holding
+              and np.all(box_dhw[3:] >= f) and np.all(box_dhw[:3] < f + session.window)]
+    assert holding and partly, "the box must lie whole in some windows and in part in others to mean anything"
     seen = record_decoded_gestures(session, monkeypatch)
     answer = session.segment("liver", points_ras=[centre], point_labels=[1], box_ras=box)
     assert len(seen) == len(holding)
@@ -180,8 +180,10 @@ def test_a_box_no_window_holds_is_answered_from_its_clipped_parts(session, monke
     seen = record_decoded_gestures(session, monkeypatch)
     session.segment("liver", box_ras=box)
     assert len(seen) == session.window_count  # every window meets the box: each decodes its part
-    clipped = sorted(tuple(np.clip(box_dhw - np.tile(start, 2), 0, session.window - 1)) for start in session._features)
-    np.testing.assert_allclose(sorted(tuple(s["boxes_dhw"][0].double().numpy()) for s in seen), clipped, atol=1e-3)
+    clipped = sorted(tuple(np.clip(box_dhw - np.tile(start, 2), 0, session.window - 1))
+                     for start in session._features)
+    decoded = sorted(tuple(s["boxes_dhw"][0].double().numpy()) for s in seen)
+    np.testing.assert_allclose(decoded, clipped, atol=1e-3)
 
 
 def test_a_box_keeps_the_structure_inside_it(tiny, oblique_ct):
